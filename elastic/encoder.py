@@ -1,0 +1,101 @@
+"""Loading an elastic (or plain BERT) model directory and turning text into embeddings.
+
+A model directory holds ``config.json``, ``model.safetensors`` and tokenizer files, as any
+local BERT-family checkpoint; an exported elastic model adds ``submap.json``. A directory
+without submap.json is a teacher: one level, 100, the full layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool
+from elastic.submap import Submap
+
+
+def _teacher_pooling(model_dir: Path) -> tuple[str, bool]:
+    """Pooling of a sentence-transformers directory (1_Pooling/config.json, modules.json);
+    mean pooling without normalization for a plain BERT checkpoint."""
+    mode, normalize = "mean", False
+    pcfg = model_dir / "1_Pooling" / "config.json"
+    if pcfg.exists():
+        mode = "cls" if json.loads(pcfg.read_text()).get("pooling_mode_cls_token") else "mean"
+    modules = model_dir / "modules.json"
+    if modules.exists():
+        normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    return mode, normalize
+
+
+class ElasticEncoder:
+    """Tokenizer + ElasticBert + Submap of one model directory.
+
+    Args:
+        model_dir: a directory as described in the module docstring.
+
+    Raises:
+        FileNotFoundError: config.json or model.safetensors is missing.
+        ValueError: submap.json is malformed or does not match the weights (the message names
+            the field or tensor).
+    """
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        self.model_dir = d = Path(model_dir)
+        for f in ("config.json", "model.safetensors"):
+            if not (d / f).exists():
+                raise FileNotFoundError(f"{d}: {f} is missing (not a BERT-family model directory)")
+        self.dims = BertDims.from_config_file(d / "config.json")
+        if (d / "submap.json").exists():
+            self.submap = Submap.load(d / "submap.json", self.dims)
+        else:
+            mode, norm = _teacher_pooling(d)
+            self.submap = Submap({100: self.dims.full()}, mode, norm)
+        self.model = ElasticBert(self.dims, self.submap.levels[self.submap.largest])
+        try:
+            load_state(d / "model.safetensors", self.model)
+        except ValueError as e:
+            raise ValueError(
+                f"submap.json levels['{self.submap.largest}'] (the stored layout) does not match the weights: {e}"
+            ) from None
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(d))
+
+    @property
+    def levels(self) -> list[int]:
+        """Preserving levels in percent, largest first."""
+        return list(self.submap.levels)
+
+    def sublm(self, level: int) -> SubLM:
+        try:
+            return self.submap.levels[level]
+        except KeyError:
+            raise ValueError(f"level {level} is not in submap.json (levels: {self.levels})") from None
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    def embed(self, batch: dict[str, torch.Tensor], level: int) -> torch.Tensor:
+        """(B, d) embeddings of a tokenized batch by the SubLM at ``level`` (grad follows
+        torch's grad mode, so training code calls this too)."""
+        h = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), sublm=self.sublm(level))
+        return pool(h, batch["attention_mask"], self.submap.pooling, self.submap.normalize)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], level: int, max_length: int = 128, batch_size: int = 64,
+               progress: bool = False) -> torch.Tensor:
+        """(N, d) float32 embeddings of ``texts`` in input order; batches are length-sorted."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.dims.hidden_size)
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=f"encode level {level}", unit="batch")
+        for s in starts:
+            idx = order[s:s + batch_size]
+            out[idx] = self.embed(self.tokenize([texts[i] for i in idx], max_length), level)
+        return out
