@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool, save_state
 from elastic.submap import Submap
 
 
@@ -63,6 +63,19 @@ class ElasticEncoder:
             ) from None
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
+
+    def save(self, out: str | Path, model: ElasticBert | None = None, submap: Submap | None = None) -> None:
+        """Write a model directory: config.json, model.safetensors (``model``, default this
+        one's), submap.json (``submap``, default this one's) and the tokenizer files."""
+        import shutil
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model = model or self.model
+        save_state(model, out / "model.safetensors")
+        (submap or self.submap).save(out / "submap.json", self.dims)
+        shutil.copy(self.model_dir / "config.json", out / "config.json")
+        self.tokenizer.save_pretrained(str(out))
 
     @property
     def levels(self) -> list[int]:

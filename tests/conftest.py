@@ -38,3 +38,35 @@ def make_tiny_checkpoint(out: Path, seed: int = 0, layers: int = 2, hidden: int 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+TINY_LEVELS = [50, 30, 10]
+
+
+def tiny_collection(n: int = 300) -> dict[str, str]:
+    """The first ``n`` passages of the packed MS MARCO collection."""
+    from elastic.data import read_tsv
+
+    root = Path(__file__).resolve().parent.parent
+    col = read_tsv(root / "data" / "msmarco" / "collection.dev500.tsv.gz")
+    return dict(list(col.items())[:n])
+
+
+def make_tiny_elastic(out: Path, base: Path, seed: int = 0) -> Path:
+    """A tiny ElasticDenser model directory with its index: random expressive scores, levels
+    50/30/10, passages encoded by the largest SubLM."""
+    from elastic.encoder import ElasticEncoder
+    from training.build_index import build_index
+    from training.prune import export_pruned
+
+    enc = ElasticEncoder(base)
+    g = torch.Generator().manual_seed(seed)
+    L, A, I = enc.dims.num_hidden_layers, enc.dims.num_attention_heads, enc.dims.intermediate_size
+    export_pruned(enc, torch.rand(L, A, generator=g), torch.rand(L, I, generator=g), TINY_LEVELS, out)
+    build_index(ElasticEncoder(out), tiny_collection(), out, 64, 64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_elastic(tmp_path_factory, tiny_dir) -> Path:
+    return make_tiny_elastic(tmp_path_factory.mktemp("tiny_elastic"), tiny_dir)

@@ -1,0 +1,99 @@
+"""Pack ElasticDenser into a TorchServe archive with torch-model-archiver.
+
+    python -m archive.build_mar --config configs/demo.yaml [--archive-format no-archive]
+
+Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
+model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt) and a
+model-config.yaml (batchSize, maxBatchDelay, and under ``handler:`` the latency constraint T in
+milliseconds) into model_store/elasticdenser.mar. ``--archive-format no-archive`` writes a
+directory model_store/elasticdenser/ whose model-config.yaml ops can edit (then re-register).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from training.config import ServeConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILES = ("config.json", "model.safetensors", "submap.json", "tokenizer.json", "tokenizer_config.json",
+               "vocab.txt", "special_tokens_map.json")
+
+
+def model_config(serve: ServeConfig, query_max_length: int) -> dict:
+    """The model-config.yaml TorchServe reads at registration (batching, workers, handler settings)."""
+    return {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": serve.batch_size,
+        "maxBatchDelay": serve.max_batch_delay_ms,
+        "responseTimeout": 120,
+        "handler": {
+            "latency_constraint_ms": serve.latency_constraint_ms,
+            "management_address": f"http://127.0.0.1:{serve.management_port}",
+            "query_max_length": query_max_length,
+            "top_k": serve.top_k,
+            "poll_interval_ms": serve.poll_interval_ms,
+            "torch_threads": serve.torch_threads,
+        },
+    }
+
+
+def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
+              archive_format: str = "default") -> Path:
+    """Stage the files and call torch-model-archiver; returns the .mar (or directory) path.
+
+    Raises:
+        FileNotFoundError: a model or index file is missing (named).
+        subprocess.CalledProcessError: torch-model-archiver failed.
+    """
+    needed = [model_dir / f for f in MODEL_FILES if f != "special_tokens_map.json"] + \
+             [index_dir / "index.faiss", index_dir / "pids.txt"]
+    for f in needed:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing; run training.prune/recover and training.build_index first")
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "files"
+        (stage / "elastic").mkdir(parents=True)
+        for f in MODEL_FILES:
+            if (model_dir / f).exists():
+                shutil.copy(model_dir / f, stage / f)
+        for f in ("index.faiss", "pids.txt"):
+            shutil.copy(index_dir / f, stage / f)
+        for f in (ROOT / "elastic").glob("*.py"):
+            shutil.copy(f, stage / "elastic" / f.name)
+        cfg_path = Path(tmp) / "model-config.yaml"
+        cfg_path.write_text(yaml.safe_dump(yaml_cfg, sort_keys=False))
+        cmd = [
+            str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", name, "--version", "1.0",
+            "--handler", str(ROOT / "handler" / "elastic_handler.py"), "--extra-files", str(stage),
+            "--config-file", str(cfg_path), "--export-path", str(export_path), "--archive-format", archive_format,
+            "--force",
+        ]
+        subprocess.run(cmd, check=True)
+    return export_path / (name if archive_format == "no-archive" else f"{name}.mar")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Pack ElasticDenser into model_store/elasticdenser.mar.")
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    ap.add_argument("--export-path", type=Path, default=Path("model_store"))
+    ap.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
+                    help="default = one .mar file; no-archive = an editable directory")
+    a = ap.parse_args()
+    cfg = load_config(a.config)
+    out = build_mar(cfg.run / "elastic", cfg.run / "index", a.export_path, model_config(cfg.serve, cfg.encode.query_max_length),
+                    archive_format=a.archive_format)
+    print(f"[archive] wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

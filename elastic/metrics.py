@@ -1,0 +1,22 @@
+"""Retrieval metrics through ir-measures (pytrec_eval underneath)."""
+
+from __future__ import annotations
+
+
+def rr_at_10_per_query(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Reciprocal rank at 10 per qid of ``run`` ({qid: {pid: score}}); a qid with qrels but no
+    relevant passage in its top 10 scores 0. Qids without qrels are left out."""
+    import ir_measures
+    from ir_measures import RR
+
+    out = {qid: 0.0 for qid in run if qid in qrels}
+    for m in ir_measures.iter_calc([RR @ 10], qrels, run):
+        if m.query_id in out:
+            out[m.query_id] = float(m.value)
+    return out
+
+
+def mrr_at_10(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> float:
+    """MRR@10 over every qid in ``qrels`` (a qid missing from ``run`` scores 0)."""
+    per = rr_at_10_per_query(qrels, run)
+    return sum(per.values()) / len(qrels)

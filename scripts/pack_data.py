@@ -1,0 +1,39 @@
+"""Pack the embedded default data from ../shared/data into data/ (run once by a maintainer;
+the packed files are committed, with their provenance in data/README.md).
+
+    python scripts/pack_data.py --shared ../shared/data
+"""
+
+import argparse
+import gzip
+import shutil
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--out", type=Path, default=Path("data"))
+    a = ap.parse_args()
+    src, out = a.shared / "msmarco", a.out / "msmarco"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("queries.dev500.tsv", "qrels.dev500.tsv", "bm25.top20.dev500.tsv"):
+        shutil.copy(src / f, out / f)
+    keep = {line.split()[1] for line in open(src / "bm25.top20.dev500.tsv")}
+    keep |= {line.split()[2] for line in open(src / "qrels.dev500.tsv")}
+    n = 0
+    with open(src / "collection.sample.tsv") as fi, gzip.open(out / "collection.dev500.tsv.gz", "wt") as fo:
+        for line in fi:
+            if line.split("\t", 1)[0] in keep:
+                fo.write(line)
+                n += 1
+    tq = a.out / "train-queries"
+    tq.mkdir(parents=True, exist_ok=True)
+    with open(a.shared / "train-queries" / "msmarco.dev-subset.minus-eval.tsv", "rb") as fi, \
+            gzip.open(tq / "msmarco.train.tsv.gz", "wb") as fo:
+        shutil.copyfileobj(fi, fo)
+    print(f"collection.dev500.tsv.gz: {n} passages")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Prune the teacher into nested SubLMs (paper §4.1).
+
+    python -m training.prune --config configs/demo.yaml
+
+Writes run_dir/pruned/: model.safetensors (the largest SubLM, heads and neurons reordered by
+expressive score), submap.json, config.json, tokenizer files, and scores.pt (the raw scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from elastic.data import read_tsv
+from elastic.encoder import ElasticEncoder
+from elastic.structure import SubLM, permute, prune
+from elastic.submap import Submap
+from training.config import RecipeConfig, load_config, teacher_path
+from training.importance import contrastive_loss, expressive_scores, level_widths
+from training.teacher import teacher_side
+
+
+def build_submap(head_scores: torch.Tensor, neuron_scores: torch.Tensor, levels: list[int], pooling: str,
+                 normalize: bool) -> Submap:
+    """Preserving level p keeps the top p% of heads (ranked across layers) and the top p% of
+    neurons (ranked across layers): p% of the MHA+FFN parameters, since each kind's parameter
+    count is proportional to its unit count."""
+    return Submap(
+        {p: SubLM(level_widths(head_scores, p / 100), level_widths(neuron_scores, p / 100)) for p in levels},
+        pooling,
+        normalize,
+    )
+
+
+def export_pruned(teacher: ElasticEncoder, head_scores: torch.Tensor, neuron_scores: torch.Tensor, levels: list[int],
+                  out: Path) -> Submap:
+    """Reorder the teacher's heads and neurons by expressive score, keep the largest level's
+    prefix, and write the model directory ``out`` (weights, submap.json, config, tokenizer).
+
+    Args:
+        head_scores: (L, A); neuron_scores: (L, I), higher = more expressive.
+    """
+    submap = build_submap(head_scores, neuron_scores, levels, teacher.submap.pooling, teacher.submap.normalize)
+    ordered = permute(teacher.model, [r.argsort(descending=True, stable=True) for r in head_scores],
+                      [r.argsort(descending=True, stable=True) for r in neuron_scores])
+    teacher.save(out, prune(ordered, submap.levels[submap.largest]), submap)
+    torch.save({"head_scores": head_scores, "neuron_scores": neuron_scores}, out / "scores.pt")
+    return submap
+
+
+def run(cfg: RecipeConfig) -> None:
+    t0 = time.time()
+    teacher = ElasticEncoder(teacher_path(cfg))
+    side = teacher_side(cfg, teacher)
+    print(f"[prune] teacher side ready ({len(side.pids)} passages) in {time.time() - t0:.0f} s", flush=True)
+    collection_text = list(read_tsv(cfg.data.collection).values())
+    rng = random.Random(cfg.recover.seed)
+    idx = rng.sample(range(len(side.train_queries)), min(cfg.prune.score_queries, len(side.train_queries)))
+    bs = cfg.prune.batch_size
+    batches = [
+        ([side.train_queries[i] for i in idx[s:s + bs]], [collection_text[side.positives[i]] for i in idx[s:s + bs]])
+        for s in range(0, len(idx), bs)
+    ]
+    hs, ns = expressive_scores(
+        teacher, batches, lambda q, p: contrastive_loss(q, p, cfg.prune.temperature),
+        cfg.encode.query_max_length, cfg.encode.passage_max_length,
+    )
+    out = cfg.run / "pruned"
+    submap = export_pruned(teacher, hs, ns, cfg.prune.levels, out)
+    for p, s in submap.levels.items():
+        print(f"[prune] level {p:>3}%: heads/layer {list(s.heads)} neurons/layer {list(s.neurons)}")
+    print(f"[prune] wrote {out} in {time.time() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Prune the teacher into nested SubLMs (expressive scores).")
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    run(load_config(ap.parse_args().config))
+
+
+if __name__ == "__main__":
+    main()
