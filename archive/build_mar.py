@@ -23,8 +23,8 @@ import yaml
 from training.config import ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_FILES = ("config.json", "model.safetensors", "submap.json", "tokenizer.json", "tokenizer_config.json",
-               "vocab.txt", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "model.safetensors", "submap.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")  # whichever the tokenizer saved
 
 
 def model_config(serve: ServeConfig, query_max_length: int) -> dict:
@@ -54,8 +54,7 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
         FileNotFoundError: a model or index file is missing (named).
         subprocess.CalledProcessError: torch-model-archiver failed.
     """
-    needed = [model_dir / f for f in MODEL_FILES if f != "special_tokens_map.json"] + \
-             [index_dir / "index.faiss", index_dir / "pids.txt"]
+    needed = [model_dir / f for f in MODEL_FILES] + [index_dir / "index.faiss", index_dir / "pids.txt"]
     for f in needed:
         if not f.exists():
             raise FileNotFoundError(f"{f}: missing; run training.prune/recover and training.build_index first")
@@ -63,7 +62,7 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"
         (stage / "elastic").mkdir(parents=True)
-        for f in MODEL_FILES:
+        for f in MODEL_FILES + TOKENIZER_FILES:
             if (model_dir / f).exists():
                 shutil.copy(model_dir / f, stage / f)
         for f in ("index.faiss", "pids.txt"):

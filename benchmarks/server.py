@@ -1,0 +1,86 @@
+"""Starting, waiting on and stopping a local TorchServe (used by benchmarks/online.py and the
+integration test). Everything listens on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    """Prefix ``taskset -c cpus`` when asked and available (keeps load generator and model apart)."""
+    if cpus is not None and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", cpus] + cmd
+    return cmd
+
+
+class TorchServe:
+    """One ``torchserve --start`` process group with its own log folder and PID-file folder.
+
+    Args:
+        ts_config: config.properties path; model_store: folder of .mar files;
+        models: ``name=file.mar`` pairs to load at start; work_dir: logs/ and tmp/ go here;
+        management: management API base address; env: extra environment (e.g. T override).
+    """
+
+    def __init__(self, ts_config: Path, model_store: Path, models: dict[str, str], work_dir: Path,
+                 management: str = "http://127.0.0.1:8081", env: dict | None = None):
+        self.ts_config, self.model_store, self.models = ts_config, model_store, models
+        self.work_dir, self.management = work_dir, management
+        (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (work_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        bindir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "LOG_LOCATION": str(work_dir / "logs"), "METRICS_LOCATION": str(work_dir / "logs"),
+                    "TMPDIR": str(work_dir / "tmp"), "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+                    **(env or {})}
+
+    def _ts(self, *args: str, cpus: str | None = None) -> int:
+        """Run the torchserve launcher; its output goes to logs/launcher.log (the Java frontend
+        it starts inherits these descriptors and keeps them open, so they are never pipes)."""
+        cmd = pinned([str(Path(sys.executable).with_name("torchserve")), *args], cpus)
+        with open(self.work_dir / "logs" / "launcher.log", "a") as log:
+            return subprocess.run(cmd, env=self.env, cwd=self.work_dir, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL).returncode
+
+    def start(self, cpus: str | None = None) -> None:
+        models = " ".join(f"{k}={v}" for k, v in self.models.items())
+        rc = self._ts("--start", "--ncs", "--ts-config", str(self.ts_config), "--model-store", str(self.model_store),
+                      "--models", models, "--log-config", str(ROOT / "log4j2.xml"), cpus=cpus)
+        if rc != 0:
+            raise RuntimeError(f"torchserve --start exited {rc}; see {self.work_dir / 'logs' / 'launcher.log'}")
+
+    def stop(self) -> None:
+        self._ts("--stop")
+
+    def model_status(self, name: str) -> list | None:
+        try:
+            with urllib.request.urlopen(f"{self.management}/models/{name}", timeout=2) as resp:
+                return json.loads(resp.read())
+        except OSError:
+            return None
+
+    def wait_ready(self, name: str, timeout_s: float = 180) -> None:
+        """Block until a worker of ``name`` is READY; raises TimeoutError with the model log's tail."""
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            st = self.model_status(name)
+            if st and any(w.get("status") == "READY" for w in st[0].get("workers", [])):
+                return
+            time.sleep(0.5)
+        log = self.work_dir / "logs" / "model_log.log"
+        tail = log.read_text()[-3000:] if log.exists() else "(no model_log.log)"
+        raise TimeoutError(f"model {name} not READY after {timeout_s:.0f} s; model_log tail:\n{tail}")
+
+    def describe(self, name: str) -> dict:
+        """The handler's describe_handle() (calibrated t_k, T, levels)."""
+        with urllib.request.urlopen(f"{self.management}/models/{name}?customized=true", timeout=10) as resp:
+            meta = json.loads(resp.read())[0].get("customizedMetadata", "{}")
+        return json.loads(meta) if isinstance(meta, str) else meta
