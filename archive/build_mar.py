@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from training.config import ServeConfig, load_config
+from training.config import RecipeConfig, ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILES = ("config.json", "model.safetensors", "submap.json", "tokenizer_config.json")
@@ -88,10 +88,14 @@ def main() -> None:
     ap.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                     help="default = one .mar file; no-archive = an editable directory")
     a = ap.parse_args()
-    cfg = load_config(a.config)
-    out = build_mar(cfg.run / "elastic", cfg.run / "index", a.export_path, model_config(cfg.serve, cfg.encode.query_max_length),
-                    archive_format=a.archive_format)
+    run(load_config(a.config), a.export_path, a.archive_format)
+
+
+def run(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:
+    out = build_mar(cfg.run / "elastic", cfg.run / "index", export_path, model_config(cfg.serve, cfg.encode.query_max_length),
+                    archive_format=archive_format)
     print(f"[archive] wrote {out}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

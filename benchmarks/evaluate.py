@@ -78,10 +78,8 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="MRR@10 of BM25, the teacher and every SubLM on the dev queries.")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    cfg = load_config(ap.parse_args().config)
+def run(cfg: RecipeConfig) -> list[dict]:
+    """Evaluate, write run_dir/eval/offline.json and offline.md, print the table."""
     t0 = time.time()
     rows = evaluate(cfg)
     out = cfg.run / "eval"
@@ -90,6 +88,13 @@ def main() -> None:
     md = to_markdown(rows)
     (out / "offline.md").write_text(md)
     print(f"[evaluate] MRR@10 on {cfg.data.dev_queries} ({time.time() - t0:.0f} s):\n{md}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="MRR@10 of BM25, the teacher and every SubLM on the dev queries.")
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    run(load_config(ap.parse_args().config))
 
 
 if __name__ == "__main__":

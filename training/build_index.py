@@ -16,7 +16,7 @@ import numpy as np
 
 from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
-from training.config import load_config
+from training.config import RecipeConfig, load_config
 
 
 def build_index(enc: ElasticEncoder, collection: dict[str, str], out: Path, max_length: int, batch_size: int) -> None:
@@ -32,15 +32,18 @@ def build_index(enc: ElasticEncoder, collection: dict[str, str], out: Path, max_
     (out / "pids.txt").write_text("\n".join(collection) + "\n")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="Encode the collection with the largest SubLM into FAISS.")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    cfg = load_config(ap.parse_args().config)
+def run(cfg: RecipeConfig) -> None:
     t0 = time.time()
     enc = ElasticEncoder(cfg.run / "elastic")
     out = cfg.run / "index"
     build_index(enc, read_tsv(cfg.data.collection), out, cfg.encode.passage_max_length, cfg.encode.batch_size)
     print(f"[index] level {enc.levels[0]}% encoded the collection into {out} in {time.time() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Encode the collection with the largest SubLM into FAISS.")
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    run(load_config(ap.parse_args().config))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Pruning and recovery: gate gradients are the loss sensitivities (eq. 3-5), levels are nested
+and preserve the asked fraction, the exported largest SubLM equals the reordered teacher's
+prefix, and one recovery pass lowers the alignment loss of every SubLM."""
+
+import json
+
+import pytest
+import torch
+
+from elastic.encoder import ElasticEncoder
+from elastic.structure import mha_ffn_params
+from elastic.submap import Submap
+from training.config import RecipeConfig, load_config
+from training.importance import contrastive_loss, expressive_scores, level_widths
+from training.prune import build_submap, export_pruned
+
+Q = ["what is a bank", "who wrote hamlet", "how tall is everest", "boiling point of water"]
+P = ["a bank is a financial institution", "hamlet is a tragedy by shakespeare",
+     "mount everest is 8849 metres high", "water boils at 100 degrees celsius"]
+
+
+def test_gate_gradient_equals_finite_difference(tiny_dir):
+    enc = ElasticEncoder(tiny_dir)
+    hs_raw = {}
+
+    def loss_with(xi, nu):
+        def emb(t):
+            b = enc.tokenize(t, 32)
+            from elastic.structure import pool
+            h = enc.model(b["input_ids"], b["attention_mask"], head_gates=xi, neuron_gates=nu)
+            return pool(h, b["attention_mask"], enc.submap.pooling, enc.submap.normalize)
+        return contrastive_loss(emb(Q), emb(P), 0.05)
+
+    ones = lambda: ([torch.ones(4, dtype=torch.float64) for _ in range(2)], [torch.ones(37, dtype=torch.float64) for _ in range(2)])
+    enc.model.double()
+    xi, nu = ones()
+    for t in xi + nu:
+        t.requires_grad_(True)
+    grads = torch.autograd.grad(loss_with(xi, nu), xi + nu)
+    eps = 1e-5
+    for layer, head in [(0, 1), (1, 3)]:
+        up, dn = ones(), ones()
+        up[0][layer][head] += eps
+        dn[0][layer][head] -= eps
+        with torch.no_grad():
+            fd = (loss_with(*up) - loss_with(*dn)) / (2 * eps)
+        assert torch.isclose(grads[layer][head], fd, rtol=1e-4, atol=1e-8)
+    hs, ns = expressive_scores(ElasticEncoder(tiny_dir), [(Q, P)], lambda q, p: contrastive_loss(q, p, 0.05), 32, 32)
+    assert hs.shape == (2, 4) and ns.shape == (2, 37)
+    assert torch.allclose(hs.norm(dim=1), torch.ones(2)) and torch.allclose(ns.norm(dim=1), torch.ones(2))
+    # up to the per-layer normalization, the scores are |gradient| of the same loss
+    g0 = grads[0].abs().float()
+    assert torch.allclose(hs[0], g0 / g0.norm(), atol=1e-4)
+
+
+def test_levels_nested_and_preserve_the_fraction(tiny_dir):
+    enc = ElasticEncoder(tiny_dir)
+    g = torch.Generator().manual_seed(3)
+    hs, ns = torch.rand(2, 4, generator=g), torch.rand(2, 37, generator=g)
+    sm = build_submap(hs, ns, [50, 40, 30, 20, 15, 10, 5], "mean", True)
+    levels = list(sm.levels.values())
+    assert all(b.within(a) for a, b in zip(levels, levels[1:]))
+    full = mha_ffn_params(enc.dims, enc.dims.full())
+    for p, s in sm.levels.items():
+        assert abs(mha_ffn_params(enc.dims, s) / full - p / 100) < 0.05
+    # ranked across layers: a layer whose scores are all higher keeps more units
+    assert level_widths(torch.tensor([[9.0, 8.0, 7.0], [1.0, 2.0, 3.0]]), 0.5) == [3, 0]
+
+
+def test_export_keeps_the_reordered_prefix(tiny_dir, tmp_path):
+    enc = ElasticEncoder(tiny_dir)
+    g = torch.Generator().manual_seed(5)
+    hs, ns = torch.rand(2, 4, generator=g), torch.rand(2, 37, generator=g)
+    sm = export_pruned(enc, hs, ns, [50, 20], tmp_path / "out")
+    out = ElasticEncoder(tmp_path / "out")
+    assert out.levels == [50, 20] and out.model.layout == sm.levels[50]
+    # the kept heads of layer 0 are the top-scored ones, in score order
+    top = hs[0].argsort(descending=True)[: sm.levels[50].heads[0]]
+    rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in top.tolist()])
+    assert torch.equal(out.model.encoder.layer[0].attention.self.query.weight,
+                       enc.model.encoder.layer[0].attention.self.query.weight[rows])
+    written = json.loads((tmp_path / "out" / "submap.json").read_text())
+    assert written["levels"]["50"]["heads"] == list(sm.levels[50].heads)
+    assert written["levels"]["50"]["gflops"] > written["levels"]["20"]["gflops"] > 0
+
+
+def test_submap_errors_name_the_field(tiny_dir, tmp_path):
+    dims = ElasticEncoder(tiny_dir).dims
+    p = tmp_path / "submap.json"
+    base = {"format": "elasticlm-submap/1", "levels": {"50": {"heads": [2, 2], "neurons": [18, 19]},
+                                                       "30": {"heads": [3, 1], "neurons": [10, 10]}}}
+    p.write_text(json.dumps(base))
+    with pytest.raises(ValueError, match=r"levels\['30'\] is not nested in levels\['50'\]"):
+        Submap.load(p, dims)
+    base["levels"]["30"] = {"heads": [1, 1, 1], "neurons": [10, 10]}
+    p.write_text(json.dumps(base))
+    with pytest.raises(ValueError, match=r"levels\['30'\]\.heads has 3 layers, config.json has 2"):
+        Submap.load(p, dims)
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Submap.load(p, dims)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("serve:\n  latency_constraint_ms: -3\n")
+    with pytest.raises(ValueError, match="serve.latency_constraint_ms: must be a positive number"):
+        load_config(p)
+    p.write_text("recover:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match="config recover.stepz: unknown field"):
+        load_config(p)
+    p.write_text("recover:\n  steps: many\n")
+    with pytest.raises(ValueError, match="config recover.steps: expected int, got 'many'"):
+        load_config(p)
+    p.write_text("serve:\n  latency_constraint_ms: 40\n")
+    assert load_config(p).serve.latency_constraint_ms == 40.0
+
+
+def test_recovery_lowers_the_loss_of_every_sublm(tiny_dir, tiny_elastic):
+    from training.losses import cosine_alignment
+    from training.recover import recover
+
+    enc, teacher = ElasticEncoder(tiny_elastic), ElasticEncoder(tiny_dir)
+    cfg = RecipeConfig()
+    cfg.recover.steps, cfg.recover.batch_size, cfg.recover.lr, cfg.recover.passage_batch_size = 12, 4, 3e-4, 4
+    P_t = teacher.encode(P, 100, 32)
+    qb = enc.tokenize(Q, 32)
+    with torch.no_grad():
+        q_t = teacher.embed(qb, 100)
+        before = {lv: cosine_alignment(enc.embed(qb, lv), q_t).item() for lv in enc.levels}
+    hist = recover(enc, teacher, Q, [0, 1, 2, 3], P, P_t, cfg)
+    with torch.no_grad():
+        after = {lv: cosine_alignment(enc.embed(qb, lv), q_t).item() for lv in enc.levels}
+    assert len(hist) == 12 and hist[-1] < hist[0]
+    assert all(after[lv] < before[lv] for lv in enc.levels), (before, after)
