@@ -33,7 +33,7 @@ def _options(parser):
     parser.add_argument("--queries", default="data/msmarco/queries.dev500.tsv", help="qid<TAB>query file to replay")
     parser.add_argument("--raw-out", default="runs/demo/online/raw.jsonl", help="JSON lines of every response")
     parser.add_argument("--model-name", default="elastic", help="TorchServe model name")
-    parser.add_argument("--peak-users", type=int, default=120, help="users at the peak")
+    parser.add_argument("--peak-users", type=int, default=400, help="users at the peak")
     parser.add_argument("--ramp-up-s", type=float, default=40.0, help="seconds of linear ramp-up")
     parser.add_argument("--hold-s", type=float, default=30.0, help="seconds at the peak")
     parser.add_argument("--ramp-down-s", type=float, default=20.0, help="seconds of linear ramp-down")

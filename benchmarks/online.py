@@ -23,8 +23,10 @@ from benchmarks.server import ROOT, TorchServe, pinned
 from training.config import RecipeConfig, load_config
 
 
-def run_online(cfg: RecipeConfig, mar: Path, queries: str, qrels: str, T_ms: float | None) -> dict:
-    out = (cfg.run / "online").resolve()
+def run_online(cfg: RecipeConfig, mar: Path, queries: str, qrels: str, T_ms: float | None, out: Path | None = None) -> dict:
+    """Serve ``mar``, replay ``queries`` in a rush, write the report into ``out`` (default
+    run_dir/online); T_ms overrides the .mar's T through ELASTIC_LATENCY_CONSTRAINT_MS."""
+    out = (out or cfg.run / "online").resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {"ELASTIC_LATENCY_CONSTRAINT_MS": str(T_ms)} if T_ms else {}
     T = T_ms or cfg.serve.latency_constraint_ms
@@ -63,12 +65,14 @@ def main() -> None:
     ap.add_argument("--mar", type=Path, default=Path("model_store/elasticdenser.mar"))
     ap.add_argument("--queries", help="qid<TAB>query file to replay (default: data.dev_queries)")
     ap.add_argument("--qrels", help="TREC qrels for rr_at_10 (default: data.qrels)")
-    ap.add_argument("--latency-constraint-ms", type=float, help="override T (ELASTIC_LATENCY_CONSTRAINT_MS)")
+    ap.add_argument("--latency-constraint-ms", type=float, help="override T (ELASTIC_LATENCY_CONSTRAINT_MS); "
+                    "a huge T pins the largest SubLM: the static baseline")
+    ap.add_argument("--out", type=Path, help="report folder (default: run_dir/online)")
     a = ap.parse_args()
     cfg = load_config(a.config)
     if not a.mar.exists():
         raise SystemExit(f"{a.mar}: missing; run python -m archive.build_mar first")
-    run_online(cfg, a.mar, a.queries or cfg.data.dev_queries, a.qrels or cfg.data.qrels, a.latency_constraint_ms)
+    run_online(cfg, a.mar, a.queries or cfg.data.dev_queries, a.qrels or cfg.data.qrels, a.latency_constraint_ms, a.out)
 
 
 if __name__ == "__main__":

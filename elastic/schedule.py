@@ -9,6 +9,12 @@ requests leave in ceil(g / b_max) full batches, so the estimate becomes
 where b is the size of the batch being scheduled and t_k(b) the calibrated processing time of a
 b-request batch at level k. With b_max = 1 this is the paper's (g + 1)·t_k.
 
+Every batch also costs a fixed overhead o outside the model (the frontend hands the batch to the
+worker over a socket and sends the answers back); the worker serves batches one after another, so
+the queue drains at one batch per t_k(b) + o. The estimate therefore uses t_k(b) + o in place of
+t_k(b); o is measured online by the handler (the idle gap between consecutive batches while
+requests were waiting) and is 0 for the paper's pure form.
+
 Pure functions: no TorchServe, no clock, no I/O; the handler calls them per batch.
 """
 
@@ -56,7 +62,7 @@ def expected_latency_ms(queue_size: int, t_now_ms: float, t_full_ms: float, max_
 
 
 def choose_level(queue_size: int, latency_constraint_ms: float, cal: Calibration, batch: int = 1,
-                 max_batch: int = 1) -> int:
+                 max_batch: int = 1, overhead_ms: float = 0.0) -> int:
     """The largest preserving level k with expected latency <= T; the smallest level when none fits.
 
     Args:
@@ -64,19 +70,23 @@ def choose_level(queue_size: int, latency_constraint_ms: float, cal: Calibration
         latency_constraint_ms: T in milliseconds, > 0.
         cal: calibrated processing times per level.
         batch: size of the batch being scheduled; max_batch: TorchServe's batchSize.
+        overhead_ms: o, per-batch cost outside the model (milliseconds, >= 0).
 
     Raises:
-        ValueError: g < 0, T <= 0, or batch sizes outside 1..max_batch.
+        ValueError: g < 0, T <= 0, o < 0, or batch sizes outside 1..max_batch.
     """
     if queue_size < 0:
         raise ValueError(f"queue_size must be >= 0, got {queue_size}")
     if not latency_constraint_ms > 0:
         raise ValueError(f"latency_constraint_ms must be > 0, got {latency_constraint_ms}")
+    if overhead_ms < 0:
+        raise ValueError(f"overhead_ms must be >= 0, got {overhead_ms}")
     if not 1 <= batch <= max_batch:
         raise ValueError(f"batch must be in 1..max_batch={max_batch}, got {batch}")
     levels = sorted(cal.ms, reverse=True)
     for level in levels:
-        est = expected_latency_ms(queue_size, cal.t(level, batch), cal.t(level, max_batch), max_batch)
+        est = expected_latency_ms(queue_size, cal.t(level, batch) + overhead_ms, cal.t(level, max_batch) + overhead_ms,
+                                  max_batch)
         if est <= latency_constraint_ms:
             return level
     return levels[-1]

@@ -228,6 +228,9 @@ class ElasticRetriever:
             raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
                              f"{self.encoder.dims.hidden_size}")
         self.calibration = self.calibrate()
+        self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
+        self._last_end: float | None = None
+        self._last_waiting = False
 
     def _batch_sizes(self) -> tuple[int, ...]:
         sizes = {1, self.max_batch}
@@ -263,12 +266,25 @@ class ElasticRetriever:
             q = self.encoder.embed(batch, level)
         return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
 
+    OVERHEAD_EWMA = 0.05  # weight of the newest gap
+    OVERHEAD_CAP_MS = 100.0  # a longer gap is not overhead (e.g. a GC pause): ignored
+
+    def _observe_gap(self, start: float) -> None:
+        """Update o from the gap since the previous batch ended, if requests were waiting then
+        (the worker was not idle: the gap is frontend and IPC time)."""
+        if self._last_end is not None and self._last_waiting:
+            gap = (start - self._last_end) * 1000
+            if gap < self.OVERHEAD_CAP_MS:
+                self.overhead_ms += self.OVERHEAD_EWMA * (gap - self.overhead_ms)
+
     def handle_batch(self, bodies: list[Any]) -> list[Result]:
         """Answer every request of a batch; a bad one gets a 400 Result and the others go on.
 
         Each good answer: {"results": [{"pid", "score"} x top_k], "level": k in percent,
         "queue_size": g seen when the level was chosen}.
         """
+        start = time.perf_counter()
+        self._observe_gap(start)
         results: list[Result | None] = [None] * len(bodies)
         texts, where = [], []
         for i, body in enumerate(bodies):
@@ -284,11 +300,12 @@ class ElasticRetriever:
         g = int(self.queue_size())
         if texts:
             level = choose_level(g, self.settings.latency_constraint_ms, self.calibration, min(len(texts), self.max_batch),
-                                 self.max_batch)
+                                 self.max_batch, self.overhead_ms)
             scores, idx = self._search(texts, level)
             for i, srow, irow in zip(where, scores, idx):
                 hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
                 results[i] = Result(200, {"results": hits, "level": level, "queue_size": g})
+        self._last_end, self._last_waiting = time.perf_counter(), g > 0
         return results  # type: ignore[return-value]
 
     def describe(self) -> dict:
@@ -299,4 +316,5 @@ class ElasticRetriever:
             "levels": self.encoder.levels,
             "batch_sizes": list(c.batch_sizes),
             "processing_ms": {str(k): [round(t, 3) for t in v] for k, v in c.ms.items()},
+            "overhead_ms": round(self.overhead_ms, 3),
         }

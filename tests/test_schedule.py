@@ -40,3 +40,10 @@ def test_bad_inputs_are_refused():
         choose_level(0, 10.0, CAL, batch=5, max_batch=4)
     with pytest.raises(ValueError, match="processing times must be > 0 ms"):
         Calibration((1,), {50: (0.0,)})
+
+
+def test_overhead_counts_once_per_batch():
+    # o = 4 ms: 50% needs (g+1)*(10+4) <= 60 -> g <= 3; 30% (g+1)*(6+4) <= 60 -> g <= 5
+    assert [choose_level(g, 60.0, CAL, overhead_ms=4.0) for g in (3, 4, 5, 6)] == [50, 30, 30, 10]
+    with pytest.raises(ValueError, match="overhead_ms must be >= 0"):
+        choose_level(0, 60.0, CAL, overhead_ms=-1.0)

@@ -131,3 +131,20 @@ def test_handler_over_mock_context(tiny_elastic):
         h.poller.stop()
     with pytest.raises(ValueError, match="handler.latency_constraint_ms: must be a positive number"):
         ElasticDenserHandler().initialize(MockContext(tiny_elastic, {"handler": {"latency_constraint_ms": 0}}))
+
+
+def test_overhead_is_learned_only_from_gaps_with_waiting_requests(retriever):
+    import time
+
+    retriever.overhead_ms, retriever._last_end = 0.0, None
+    retriever.g["value"] = 0
+    retriever.handle_batch([{"query": "a"}])
+    time.sleep(0.02)
+    retriever.handle_batch([{"query": "b"}])  # idle gap (g was 0): not overhead
+    assert retriever.overhead_ms == 0.0
+    retriever.g["value"] = 3
+    retriever.handle_batch([{"query": "c"}])
+    time.sleep(0.01)
+    retriever.handle_batch([{"query": "d"}])  # requests were waiting: the gap is overhead
+    assert retriever.overhead_ms > 0.0
+    retriever.g["value"], retriever.overhead_ms = 0, 0.0

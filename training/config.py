@@ -62,7 +62,7 @@ class EncodeConfig:
 
 @dataclass
 class ServeConfig:
-    latency_constraint_ms: float = _f(60.0, "latency constraint T in milliseconds (paper §4.3)")
+    latency_constraint_ms: float = _f(50.0, "latency constraint T in milliseconds (paper §4.3)")
     batch_size: int = _f(1, "TorchServe batchSize (1 = one request per batch, as in the paper)")
     max_batch_delay_ms: int = _f(5, "TorchServe maxBatchDelay in milliseconds")
     top_k: int = _f(10, "passages returned per query")
@@ -75,7 +75,7 @@ class ServeConfig:
 
 @dataclass
 class LoadConfig:
-    peak_users: int = _f(120, "concurrent Locust users at the peak of the rush")
+    peak_users: int = _f(400, "concurrent Locust users at the peak of the rush")
     ramp_up_s: float = _f(40.0, "seconds of linear ramp-up")
     hold_s: float = _f(30.0, "seconds at the peak")
     ramp_down_s: float = _f(20.0, "seconds of linear ramp-down")
