@@ -8,7 +8,6 @@ and offline.md, and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -18,7 +17,8 @@ import torch
 from elastic.data import read_qrels, read_tsv
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import mrr_at_10
-from training.config import RecipeConfig, load_config, teacher_path
+from elastic.structure import gflops, total_params
+from training.config import RecipeConfig, config_cli, teacher_path
 from training.teacher import teacher_side
 
 
@@ -55,8 +55,6 @@ def evaluate(cfg: RecipeConfig) -> list[dict]:
     teacher = ElasticEncoder(teacher_path(cfg))
     side = teacher_side(cfg, teacher)
     qt = teacher.encode(qtexts, 100, cfg.encode.query_max_length, 128)
-    from elastic.structure import gflops, total_params
-
     rows.append({"system": "teacher", "level": None, "mrr_at_10": mrr_at_10(qrels, dense_run(qt, side.passages, side.pids, qids)),
                  "params": total_params(teacher.dims, teacher.dims.full()), "gflops": round(gflops(teacher.dims, teacher.dims.full()), 4)})
     enc = ElasticEncoder(cfg.run / "elastic")
@@ -92,9 +90,7 @@ def run(cfg: RecipeConfig) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="MRR@10 of BM25, the teacher and every SubLM on the dev queries.")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    run(load_config(ap.parse_args().config))
+    config_cli("MRR@10 of BM25, the teacher and every SubLM on the dev queries.", run)
 
 
 if __name__ == "__main__":

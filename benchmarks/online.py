@@ -29,7 +29,6 @@ def run_online(cfg: RecipeConfig, mar: Path, queries: str, qrels: str, T_ms: flo
     out = (out or cfg.run / "online").resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {"ELASTIC_LATENCY_CONSTRAINT_MS": str(T_ms)} if T_ms else {}
-    T = T_ms or cfg.serve.latency_constraint_ms
     s, ld = cfg.serve, cfg.load
     server = TorchServe(ROOT / "config.properties", mar.parent.resolve(), {"elastic": mar.name}, out,
                         f"http://127.0.0.1:{s.management_port}", env)

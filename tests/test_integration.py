@@ -41,9 +41,10 @@ def _post(url, body: bytes, content_type="application/json"):
 @pytest.fixture(scope="module")
 def server(tiny_elastic, tmp_path_factory):
     work = tmp_path_factory.mktemp("ts")
-    inf, mgmt, met = _free_ports(3)
+    inf, mgmt, met, worker = _free_ports(4)
     props = (ROOT / "config.properties").read_text()
     props = props.replace("8080", str(inf)).replace("8081", str(mgmt)).replace("8082", str(met))
+    props += f"initial_worker_port={worker}\n"  # worker socket /tmp/.ts.sock.<port>: apart from a running demo
     (work / "config.properties").write_text(props)
     mar = build_mar(tiny_elastic, tiny_elastic, work / "store", {
         "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 60,
@@ -65,7 +66,7 @@ def test_serves_real_queries_at_the_largest_level_when_idle(server):
     cal = ts.describe("elastic")
     assert cal["latency_constraint_ms"] == 15.0 and cal["levels"] == [50, 30, 10]
     status, body = _post(url, json.dumps({"query": "what is the capital of france"}).encode())
-    assert status == 200 and body["level"] == 50 and body["queue_size"] == 0
+    assert status == 200 and body["level"] == 50 and body["queue_size"] <= 1  # may count itself (polled)
     assert len(body["results"]) == 10 and all(set(h) == {"pid", "score"} for h in body["results"])
 
 
@@ -94,4 +95,5 @@ def test_level_drops_under_burst_and_recovers(server):
 
     time.sleep(1.0)  # the queue drains; the poller sees g = 0
     status, body = _post(url, json.dumps({"query": "after the burst"}).encode())
-    assert status == 200 and body == {**body, "level": 50, "queue_size": 0}
+    # g is polled every 2 ms, so it may have caught this very request while it waited (g = 1)
+    assert status == 200 and body["level"] == 50 and body["queue_size"] <= 1

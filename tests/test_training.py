@@ -21,7 +21,6 @@ P = ["a bank is a financial institution", "hamlet is a tragedy by shakespeare",
 
 def test_gate_gradient_equals_finite_difference(tiny_dir):
     enc = ElasticEncoder(tiny_dir)
-    hs_raw = {}
 
     def loss_with(xi, nu):
         def emb(t):

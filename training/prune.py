@@ -8,7 +8,6 @@ expressive score), submap.json, config.json, tokenizer files, and scores.pt (the
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
 from elastic.structure import SubLM, permute, prune
 from elastic.submap import Submap
-from training.config import RecipeConfig, load_config, teacher_path
+from training.config import RecipeConfig, config_cli, teacher_path
 from training.importance import contrastive_loss, expressive_scores, level_widths
 from training.teacher import teacher_side
 
@@ -77,9 +76,7 @@ def run(cfg: RecipeConfig) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Prune the teacher into nested SubLMs (expressive scores).")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    run(load_config(ap.parse_args().config))
+    config_cli("Prune the teacher into nested SubLMs (expressive scores).", run)
 
 
 if __name__ == "__main__":

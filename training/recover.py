@@ -12,7 +12,6 @@ writes run_dir/elastic (same files).
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
-from training.config import RecipeConfig, load_config, teacher_path
+from training.config import RecipeConfig, config_cli, teacher_path
 from training.losses import cosine_alignment, similarity_kl
 from training.teacher import teacher_side
 
@@ -83,9 +82,7 @@ def run(cfg: RecipeConfig) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Quick elastic recovery over all SubLMs (Algorithm 1).")
-    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    run(load_config(ap.parse_args().config))
+    config_cli("Quick elastic recovery over all SubLMs (Algorithm 1).", run)
 
 
 if __name__ == "__main__":
