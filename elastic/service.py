@@ -250,18 +250,23 @@ class ElasticRetriever:
             for b in sizes:
                 texts = [CALIBRATION_QUERY] * b
                 for _ in range(3):
-                    self._search(texts, level)  # warm-up
+                    self._search(self._token_ids(texts), level)  # warm-up
                 runs = []
                 for _ in range(self.settings.calibration_repeats):
                     t0 = time.perf_counter()
-                    self._search(texts, level)
+                    self._search(self._token_ids(texts), level)
                     runs.append((time.perf_counter() - t0) * 1000)
                 times.append(statistics.median(runs))
             ms[level] = tuple(times)
         return Calibration(sizes, ms)
 
-    def _search(self, texts: list[str], level: int) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.encoder.tokenize(texts, self.settings.query_max_length)
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, untruncated (their lengths decide over-long queries)."""
+        return self.encoder.tokenizer(texts, truncation=False)["input_ids"]
+
+    def _search(self, ids: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, top_k) scores and index rows for already tokenized queries, at ``level``."""
+        batch = self.encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         with torch.inference_mode():
             q = self.encoder.embed(batch, level)
         return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
@@ -286,22 +291,26 @@ class ElasticRetriever:
         start = time.perf_counter()
         self._observe_gap(start)
         results: list[Result | None] = [None] * len(bodies)
-        texts, where = [], []
+        texts, parsed_at = [], []
         for i, body in enumerate(bodies):
             try:
-                text = parse_query(body)
-                n_tokens = len(self.encoder.tokenizer(text, truncation=False)["input_ids"])
-                if n_tokens > self.settings.query_max_length:
-                    raise BadRequest(f"query has {n_tokens} tokens, the limit is {self.settings.query_max_length}")
-                texts.append(text)
-                where.append(i)
+                texts.append(parse_query(body))
+                parsed_at.append(i)
             except BadRequest as e:
                 results[i] = Result(400, {"error": str(e)})
+        ids, where = [], []
+        limit = self.settings.query_max_length
+        for i, tok in zip(parsed_at, self._token_ids(texts) if texts else []):  # one tokenizer call per batch
+            if len(tok) > limit:
+                results[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit}"})
+            else:
+                ids.append(tok)
+                where.append(i)
         g = int(self.queue_size())
-        if texts:
-            level = choose_level(g, self.settings.latency_constraint_ms, self.calibration, min(len(texts), self.max_batch),
+        if ids:
+            level = choose_level(g, self.settings.latency_constraint_ms, self.calibration, min(len(ids), self.max_batch),
                                  self.max_batch, self.overhead_ms)
-            scores, idx = self._search(texts, level)
+            scores, idx = self._search(ids, level)
             for i, srow, irow in zip(where, scores, idx):
                 hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
                 results[i] = Result(200, {"results": hits, "level": level, "queue_size": g})
