@@ -91,10 +91,12 @@ class ElasticEncoder:
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
-    def embed(self, batch: dict[str, torch.Tensor], level: int) -> torch.Tensor:
+    def embed(self, batch: dict[str, torch.Tensor], level: int, **gates: list[torch.Tensor]) -> torch.Tensor:
         """(B, d) embeddings of a tokenized batch by the SubLM at ``level`` (grad follows
-        torch's grad mode, so training code calls this too)."""
-        h = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), sublm=self.sublm(level))
+        torch's grad mode, so training code calls this too). ``gates``: head_gates /
+        neuron_gates of ElasticBert.forward, for expressive scores only."""
+        h = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), sublm=self.sublm(level),
+                       **gates)
         return pool(h, batch["attention_mask"], self.submap.pooling, self.submap.normalize)
 
     @torch.inference_mode()

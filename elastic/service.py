@@ -147,7 +147,6 @@ class QueuePoller:
         self.path = f"/models/{model_name}"
         self.interval = interval_ms / 1000
         self.queue_size = 0
-        self.polls = 0
         self._last_warning = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="queue-poller", daemon=True)
@@ -173,7 +172,6 @@ class QueuePoller:
             try:
                 conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=2)
                 self.queue_size = self.poll_once(conn)
-                self.polls += 1
             except Exception as e:  # keep serving on the last known g
                 if conn is not None:
                     conn.close()

@@ -13,7 +13,6 @@ from typing import Callable, Iterable
 import torch
 
 from elastic.encoder import ElasticEncoder
-from elastic.structure import pool
 
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,9 +45,7 @@ def expressive_scores(
     ns = torch.zeros(L, enc.dims.intermediate_size)
 
     def emb(texts, max_len):
-        b = enc.tokenize(texts, max_len)
-        h = enc.model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), head_gates=xi, neuron_gates=nu)
-        return pool(h, b["attention_mask"], enc.submap.pooling, enc.submap.normalize)
+        return enc.embed(enc.tokenize(texts, max_len), enc.levels[0], head_gates=xi, neuron_gates=nu)
 
     n_batches = 0
     for queries, passages in batches:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
 from elastic.structure import SubLM, permute, prune
 from elastic.submap import Submap
@@ -56,12 +55,11 @@ def run(cfg: RecipeConfig) -> None:
     teacher = ElasticEncoder(teacher_path(cfg))
     side = teacher_side(cfg, teacher)
     print(f"[prune] teacher side ready ({len(side.pids)} passages) in {time.time() - t0:.0f} s", flush=True)
-    collection_text = list(read_tsv(cfg.data.collection).values())
     rng = random.Random(cfg.recover.seed)
     idx = rng.sample(range(len(side.train_queries)), min(cfg.prune.score_queries, len(side.train_queries)))
     bs = cfg.prune.batch_size
     batches = [
-        ([side.train_queries[i] for i in idx[s:s + bs]], [collection_text[side.positives[i]] for i in idx[s:s + bs]])
+        ([side.train_queries[i] for i in idx[s:s + bs]], [side.texts[side.positives[i]] for i in idx[s:s + bs]])
         for s in range(0, len(idx), bs)
     ]
     hs, ns = expressive_scores(

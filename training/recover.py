@@ -18,7 +18,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from elastic.data import read_tsv
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.losses import cosine_alignment, similarity_kl
@@ -72,8 +71,7 @@ def run(cfg: RecipeConfig) -> None:
     enc = ElasticEncoder(cfg.run / "pruned")
     teacher = ElasticEncoder(teacher_path(cfg))
     side = teacher_side(cfg, teacher)
-    texts = list(read_tsv(cfg.data.collection).values())
-    hist = recover(enc, teacher, side.train_queries, side.positives, texts, side.passages, cfg)
+    hist = recover(enc, teacher, side.train_queries, side.positives, side.texts, side.passages, cfg)
     out = cfg.run / "elastic"
     enc.save(out)
     k = max(1, len(hist) // 10)

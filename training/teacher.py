@@ -22,6 +22,7 @@ from training.config import RecipeConfig, teacher_path
 @dataclass
 class TeacherSide:
     pids: list[str]  # collection order
+    texts: list[str]  # passage texts, aligned with ``pids``
     passages: torch.Tensor  # (N, d) teacher passage embeddings
     train_queries: list[str]  # query texts
     positives: list[int]  # row in ``pids`` of each training query's teacher top-1 passage
@@ -36,7 +37,8 @@ def teacher_side(cfg: RecipeConfig, teacher: ElasticEncoder | None = None) -> Te
     if cache.exists():
         obj = torch.load(cache)
         if obj["key"] == key:
-            return TeacherSide(obj["pids"], obj["passages"], obj["train_queries"], obj["positives"])
+            return TeacherSide(obj["pids"], list(collection.values()), obj["passages"], obj["train_queries"],
+                               obj["positives"])
     teacher = teacher or ElasticEncoder(teacher_path(cfg))
     pids = list(collection)
     P = teacher.encode(list(collection.values()), 100, cfg.encode.passage_max_length, cfg.encode.batch_size, progress=True)
@@ -45,4 +47,4 @@ def teacher_side(cfg: RecipeConfig, teacher: ElasticEncoder | None = None) -> Te
     positives = (Q @ P.T).argmax(1).tolist()
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "pids": pids, "passages": P, "train_queries": qtexts, "positives": positives}, cache)
-    return TeacherSide(pids, P, qtexts, positives)
+    return TeacherSide(pids, list(collection.values()), P, qtexts, positives)
