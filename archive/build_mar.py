@@ -57,7 +57,7 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
     needed = [model_dir / f for f in MODEL_FILES] + [index_dir / "index.faiss", index_dir / "pids.txt"]
     for f in needed:
         if not f.exists():
-            raise FileNotFoundError(f"{f}: missing; run training.prune/recover and training.build_index first")
+            raise FileNotFoundError(f"{f}: missing; run training.prune/distill/finetune and training.build_index first")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"

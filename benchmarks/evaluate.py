@@ -1,96 +1,245 @@
-"""Offline MRR@10 on the dev queries for BM25, the teacher and every SubLM, same collection.
+"""Offline evaluation: quality, size and speed of BM25, the teacher, every ElasticDenser level and
+every static baseline, on one query set, qrels and collection.
 
-    python -m benchmarks.evaluate --config configs/demo.yaml
+    python -m benchmarks.evaluate --config configs/full.yaml \\
+        [--queries qid<TAB>query file] [--qrels TREC qrels] [--collection pid<TAB>passage file] [--out DIR]
 
-Reads run_dir/elastic, run_dir/index and the teacher cache; writes run_dir/eval/offline.json
-and offline.md, and prints the table.
+Defaults: the recipe's dev queries, qrels and collection (dev500 and the embedded sample).
+Rows: bm25, teacher, elastic (run_dir/elastic, each level), static (run_dir/static/<p>/elastic,
+when the recipe trains them). Columns: MRR@10, R@20, R@100 (ir-measures over each system's
+top 100), encoder parameters, GFLOPs of one 128-token sequence, and the median latency of one
+query (batch 1, 16 tokens) and of one batch (32 x 128 tokens) of the encoder on this machine
+with ``serve.torch_threads`` threads, as the TorchServe worker runs. BM25's latency is bm25s
+retrieving one query (``latency_b_ms``: 32 queries). Each system's passages are encoded by its
+passage side (finetune.json): the teacher's embeddings, or its own largest level, cached under
+run_dir/eval/cache/.
+
+Writes DIR (default run_dir/eval)/offline.json (one object per row; keys system, level,
+mrr_at_10, r_at_20, r_at_100, params, gflops, latency_q_ms, latency_b_ms), offline.md and
+offline.png (quality against preserving level, elastic beside static: the paper's Fig. 8).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from elastic.data import read_qrels, read_tsv
 from elastic.encoder import ElasticEncoder
-from elastic.metrics import mrr_at_10
+from elastic.metrics import retrieval_metrics
 from elastic.structure import gflops, total_params
-from training.config import RecipeConfig, config_cli, teacher_path
-from training.teacher import teacher_side
+from training.config import RecipeConfig, load_config, teacher_path
+from training.distill import fingerprint
+from training.finetune import passage_side_of
+from training.negatives import bm25_topk
+from training.static import static_levels
+
+DEPTH = 100  # passages retrieved per query (R@100)
+COLUMNS = ["system", "level", "mrr_at_10", "r_at_20", "r_at_100", "params", "gflops", "latency_q_ms", "latency_b_ms"]
 
 
-def dense_run(q: torch.Tensor, passages, pids: list[str], qids: list[str], k: int = 10) -> dict:
-    """Top-k by inner product. passages: a FAISS index or an (N, d) tensor."""
-    if isinstance(passages, torch.Tensor):
-        scores, idx = torch.topk(q @ passages.T, k, dim=1)
-        scores, idx = scores.numpy(), idx.numpy()
-    else:
-        scores, idx = passages.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
-    return {qid: {pids[j]: float(s) for j, s in zip(row_i, row_s)} for qid, row_i, row_s in zip(qids, idx, scores)}
+@dataclass
+class EvalData:
+    """Queries, qrels and collection of one evaluation, validated together."""
+
+    qids: list[str]
+    qtexts: list[str]
+    qrels: dict[str, dict[str, int]]
+    pids: list[str]
+    ptexts: list[str]
+    collection: str
+
+    @classmethod
+    def load(cls, cfg: RecipeConfig, queries: str, qrels: str, collection: str) -> "EvalData":
+        """Raises FileNotFoundError / ValueError naming a missing, empty or malformed file, or
+        qrels that share no qid with the queries."""
+        q, rel, col = read_tsv(queries), read_qrels(qrels), read_tsv(collection)
+        if not set(rel) & set(q):
+            raise ValueError(f"{qrels}: no qid in common with {queries}")
+        return cls(list(q), list(q.values()), {k: v for k, v in rel.items() if k in q}, list(col), list(col.values()),
+                   str(collection))
 
 
-def bm25_run(collection: dict[str, str], queries: dict[str, str], k: int = 10) -> dict:
-    """BM25 (bm25s, Lucene variant, k1=1.5, b=0.75, English stopwords, no stemming)."""
-    import bm25s
-
-    pids = list(collection)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(collection.values()), stopwords="en", show_progress=False), show_progress=False)
-    docs, scores = retriever.retrieve(bm25s.tokenize(list(queries.values()), stopwords="en", show_progress=False),
-                                      k=k, show_progress=False)
-    return {qid: {pids[j]: float(s) for j, s in zip(d, sc)} for qid, d, sc in zip(queries, docs, scores)}
-
-
-def evaluate(cfg: RecipeConfig) -> list[dict]:
+def dense_run(q: torch.Tensor, P: torch.Tensor, pids: list[str], qids: list[str], k: int = DEPTH) -> dict:
+    """Exact top-k by inner product (FAISS IndexFlatIP, as served) -> {qid: {pid: score}}."""
     import faiss
 
-    queries = read_tsv(cfg.data.dev_queries)
-    qrels = read_qrels(cfg.data.qrels)
-    collection = read_tsv(cfg.data.collection)
-    qids, qtexts = list(queries), list(queries.values())
-    rows = [{"system": "bm25", "level": None, "mrr_at_10": mrr_at_10(qrels, bm25_run(collection, queries))}]
-    teacher = ElasticEncoder(teacher_path(cfg))
-    side = teacher_side(cfg, teacher)
-    qt = teacher.encode(qtexts, 100, cfg.encode.query_max_length, 128)
-    rows.append({"system": "teacher", "level": None, "mrr_at_10": mrr_at_10(qrels, dense_run(qt, side.passages, side.pids, qids)),
-                 "params": total_params(teacher.dims, teacher.dims.full()), "gflops": round(gflops(teacher.dims, teacher.dims.full()), 4)})
-    enc = ElasticEncoder(cfg.run / "elastic")
-    index = faiss.read_index(str(cfg.run / "index" / "index.faiss"))
-    pids = (cfg.run / "index" / "pids.txt").read_text().split()
-    sub = enc.submap.to_json(enc.dims)["levels"]
+    index = faiss.IndexFlatIP(P.shape[1])
+    index.add(np.ascontiguousarray(P.numpy(), dtype=np.float32))
+    scores, idx = index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), min(k, len(pids)))
+    return {qid: {pids[j]: float(s) for j, s in zip(ri, rs)} for qid, ri, rs in zip(qids, idx, scores)}
+
+
+def passage_embeddings(cfg: RecipeConfig, data: EvalData, enc: ElasticEncoder, level: int) -> torch.Tensor:
+    """(N, d) embeddings of the collection by ``enc`` at ``level``, cached per model and collection."""
+    if enc.model_dir.resolve() == teacher_path(cfg).resolve() and data.collection == cfg.data.collection:
+        from training.teacher import teacher_side
+
+        return teacher_side(cfg, enc).passages
+    h = hashlib.sha256(f"{fingerprint(enc.model_dir)} {level} {Path(data.collection).resolve()} {len(data.pids)} "
+                       f"{cfg.encode.passage_max_length}".encode()).hexdigest()[:16]
+    cache = cfg.run / "eval" / "cache" / f"passages-{h}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    P = enc.encode(data.ptexts, level, cfg.encode.passage_max_length, cfg.encode.batch_size, progress=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(P, cache)
+    return P
+
+
+@torch.inference_mode()
+def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int, repeats: int = 20) -> float:
+    """Median wall time in milliseconds of one forward + pooling of a (batch, tokens) input."""
+    g = torch.Generator().manual_seed(0)
+    b = {"input_ids": torch.randint(1000, enc.dims.vocab_size, (batch, tokens), generator=g),
+         "attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
+    enc.embed(b, level)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        enc.embed(b, level)
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str, latency: bool = True) -> list[dict]:
+    """One row per level of the model directory (the teacher: one row, level None)."""
+    enc = ElasticEncoder(model_dir)
+    teacher = system == "teacher"
+    if teacher or passage_side_of(model_dir) == "largest":
+        P = passage_embeddings(cfg, data, enc, enc.levels[0])
+    else:
+        P = passage_embeddings(cfg, data, ElasticEncoder(teacher_path(cfg)), 100)
+    rows = []
     for level in enc.levels:
-        q = enc.encode(qtexts, level, cfg.encode.query_max_length, 128)
-        rows.append({"system": "elastic", "level": level, "mrr_at_10": mrr_at_10(qrels, dense_run(q, index, pids, qids)),
-                     "params": sub[str(level)]["params"], "gflops": sub[str(level)]["gflops"]})
+        sub = enc.sublm(level)
+        q = enc.encode(data.qtexts, level, cfg.encode.query_max_length, 128)
+        row = {"system": system, "level": None if teacher else level,
+               **retrieval_metrics(data.qrels, dense_run(q, P, data.pids, data.qids)),
+               "params": total_params(enc.dims, sub), "gflops": round(gflops(enc.dims, sub), 4)}
+        if latency:
+            row["latency_q_ms"] = encoder_latency_ms(enc, level, 1, 16)
+            row["latency_b_ms"] = encoder_latency_ms(enc, level, 32, 128, repeats=5)
+        rows.append(row)
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = ["| system | level % | MRR@10 | params | GFLOPs (128 tokens) |", "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['system']} | {r['level'] if r['level'] is not None else '-'} | {r['mrr_at_10']:.4f} | "
-                     f"{r.get('params', '-')} | {r.get('gflops', '-')} |")
+def bm25_row(data: EvalData) -> dict:
+    rows, scores = bm25_topk(data.ptexts, data.qtexts, DEPTH)
+    run = {qid: {data.pids[j]: float(s) for j, s in zip(r, sc)} for qid, r, sc in zip(data.qids, rows, scores)}
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(data.ptexts, stopwords="en", show_progress=False), show_progress=False)
+
+    def timed(qs: list[str], repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            retriever.retrieve(bm25s.tokenize(qs, stopwords="en", show_progress=False), k=10, show_progress=False)
+            times.append((time.perf_counter() - t) * 1000)
+        return round(statistics.median(times), 3)
+
+    return {"system": "bm25", "level": None, **retrieval_metrics(data.qrels, run), "params": None, "gflops": None,
+            "latency_q_ms": timed(data.qtexts[:1], 20), "latency_b_ms": timed(data.qtexts[:32], 5)}
+
+
+def evaluate(cfg: RecipeConfig, data: EvalData) -> list[dict]:
+    """Every row of offline.json, in table order.
+
+    Raises:
+        FileNotFoundError: run_dir/elastic or a static baseline the recipe asks for is missing.
+    """
+    torch.set_num_threads(cfg.serve.torch_threads)
+    systems = [(teacher_path(cfg), "teacher"), (cfg.run / "elastic", "elastic")]
+    if cfg.static.enabled:
+        systems += [(cfg.run / "static" / str(p) / "elastic", "static") for p in static_levels(cfg)]
+    for d, _ in systems:  # fail before any encoding
+        if not (d / "model.safetensors").exists():
+            raise FileNotFoundError(f"{d}: no trained model; run the training steps first (training.finetune / "
+                                    "training.static, or set static.enabled: false)")
+    rows = [bm25_row(data)]
+    for d, system in systems:
+        rows += score_system(cfg, data, d, system)
+    return [{c: r.get(c) for c in COLUMNS} for r in rows]
+
+
+def to_markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 1 else f"{v:g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: RecipeConfig) -> list[dict]:
-    """Evaluate, write run_dir/eval/offline.json and offline.md, print the table."""
+def plot(rows: list[dict], path: Path) -> None:
+    """Quality against preserving level, elastic beside static, teacher and BM25 as lines (Fig. 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "mrr_at_10", "MRR@10"), (axes[1], "r_at_100", "R@100")):
+        for system, style in (("elastic", "o-"), ("static", "s--")):
+            pts = sorted((r["level"], r[metric]) for r in rows if r["system"] == system)
+            if pts:
+                ax.plot([p for p, _ in pts], [v for _, v in pts], style, label=f"ElasticDenser ({system})"
+                        if system == "elastic" else "w/o elasticity (static)")
+        for system, color in (("teacher", "k"), ("bm25", "gray")):
+            for r in rows:
+                if r["system"] == system:
+                    ax.axhline(r[metric], color=color, ls=":", label=system)
+        ax.set_xlabel("preserving level (%)")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: RecipeConfig, queries: str | None = None, qrels: str | None = None, collection: str | None = None,
+        out: Path | None = None) -> list[dict]:
+    """Evaluate, write offline.json / offline.md / offline.png into ``out``, print the table."""
     t0 = time.time()
-    rows = evaluate(cfg)
-    out = cfg.run / "eval"
+    data = EvalData.load(cfg, queries or cfg.data.dev_queries, qrels or cfg.data.qrels, collection or cfg.data.collection)
+    rows = evaluate(cfg, data)
+    out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "offline.json").write_text(json.dumps(rows, indent=1) + "\n")
-    md = to_markdown(rows)
+    md = (f"Queries {queries or cfg.data.dev_queries} ({len(data.qids)}), collection {data.collection} "
+          f"({len(data.pids):,} passages); latency: median ms, {cfg.serve.torch_threads} torch thread(s).\n\n"
+          + to_markdown(rows))
     (out / "offline.md").write_text(md)
-    print(f"[evaluate] MRR@10 on {cfg.data.dev_queries} ({time.time() - t0:.0f} s):\n{md}", flush=True)
+    plot(rows, out / "offline.png")
+    print(f"[evaluate] {time.time() - t0:.0f} s, wrote {out}/offline.{{json,md,png}}:\n{md}", flush=True)
     return rows
 
 
 def main() -> None:
-    config_cli("MRR@10 of BM25, the teacher and every SubLM on the dev queries.", run)
+    ap = argparse.ArgumentParser(description="Offline quality / size / latency of BM25, teacher, elastic and static.")
+    ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
+    ap.add_argument("--queries", help="qid<TAB>query file (default: data.dev_queries)")
+    ap.add_argument("--qrels", help="TREC qrels (default: data.qrels)")
+    ap.add_argument("--collection", help="pid<TAB>passage file (default: data.collection)")
+    ap.add_argument("--out", type=Path, help="output directory (default: run_dir/eval)")
+    a = ap.parse_args()
+    run(load_config(a.config), a.queries, a.qrels, a.collection, a.out)
 
 
 if __name__ == "__main__":

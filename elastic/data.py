@@ -55,3 +55,24 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
+
+
+def read_wikitext(path: str | Path, min_words: int = 8) -> list[str]:
+    """Paragraphs of a WikiText token file (plain or .gz), lightly detokenized.
+
+    Headings (`` = Title = ``) and lines under ``min_words`` words are skipped; WikiText's
+    ``@-@``, ``@,@`` and ``@.@`` joins are undone.
+
+    Raises:
+        ValueError: the file has no paragraph (empty, or not WikiText).
+    """
+    out = []
+    with _open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("=") or len(line.split()) < min_words:
+                continue
+            out.append(line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", "."))
+    if not out:
+        raise ValueError(f"{path}: no paragraph of at least {min_words} words (empty or not a WikiText token file)")
+    return out

@@ -191,7 +191,8 @@ class ElasticBert(nn.Module):
         sublm: SubLM | None = None,
         head_gates: list[torch.Tensor] | None = None,
         neuron_gates: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        all_hidden_states: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Run the SubLM ``sublm`` (default: the whole stored layout).
 
         Args:
@@ -202,9 +203,13 @@ class ElasticBert(nn.Module):
             head_gates: per layer a (h_l,) tensor ξ multiplying each head's output, eq. (3);
                 only for expressive scores (training/importance.py), held at 1.
             neuron_gates: per layer a (n_l,) tensor ν multiplying each GELU output, eq. (4).
+            all_hidden_states: return every layer's input as well (relation distillation
+                reads the input of the teacher's last layer, training/relations.py).
 
         Returns:
-            (B, T, hidden) last hidden states.
+            (B, T, hidden) last hidden states; with ``all_hidden_states`` a list of L + 1 such
+            tensors: the embeddings' output, then each layer's output (as transformers'
+            ``output_hidden_states``).
 
         Raises:
             ValueError: if ``sublm`` is not within the stored layout.
@@ -219,6 +224,7 @@ class ElasticBert(nn.Module):
         B, T, _ = x.shape
         # additive mask, (B, 1, 1, T): 0 for tokens, dtype-min for padding (as BertModel)
         bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        states = [x]
         for l, layer in enumerate(self.encoder.layer):
             h, n = sub.heads[l], sub.neurons[l]
             att = layer.attention
@@ -243,7 +249,8 @@ class ElasticBert(nn.Module):
             else:
                 f = layer.output.dense.bias.expand_as(x)
             x = layer.output.LayerNorm(f + x)
-        return x
+            states.append(x)
+        return states if all_hidden_states else x
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:

@@ -32,6 +32,12 @@ def main() -> None:
     with open(a.shared / "train-queries" / "msmarco.dev-subset.minus-eval.tsv", "rb") as fi, \
             gzip.open(tq / "msmarco.train.tsv.gz", "wb") as fo:
         shutil.copyfileobj(fi, fo)
+    txt = a.out / "text"
+    txt.mkdir(parents=True, exist_ok=True)
+    for split in ("valid", "test"):
+        with open(a.shared / "text" / f"wikitext-2.{split}.tokens", "rb") as fi, \
+                gzip.GzipFile(txt / f"wikitext-2.{split}.tokens.gz", "wb", mtime=0) as fo:
+            shutil.copyfileobj(fi, fo)
     print(f"collection.dev500.tsv.gz: {n} passages")
 
 

@@ -1,6 +1,7 @@
 """Typed configuration of the ElasticDenser recipe, loaded from one YAML file.
 
-Every step (``python -m training.prune``, ``training.recover``, ``training.build_index``,
+Every step (``python -m training.prune``, ``training.distill``, ``training.finetune``,
+``training.static``, ``training.build_index``,
 ``benchmarks.evaluate``, ``archive.build_mar``, ``benchmarks.online``) reads the same file, so
 one file describes one run; see configs/demo.yaml. Unknown keys and wrong types fail at load
 with the field's dotted name.
@@ -37,20 +38,59 @@ class PruneConfig:
     score_queries: int = _f(512, "training queries whose loss gradients give the expressive scores")
     batch_size: int = _f(32, "query-passage pairs per batch for expressive scores")
     temperature: float = _f(0.05, "temperature of the in-batch contrastive loss (0.05 = scale 20, as the teacher was trained)")
+    seed: int = _f(0, "random seed of the score-query sample")
 
 
 @dataclass
-class RecoverConfig:
-    steps: int = _f(150, "optimizer steps; each traverses every SubLM (Algorithm 1)")
-    batch_size: int = _f(32, "queries per step")
-    lr: float = _f(5e-5, "AdamW learning rate")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    similarity_scale: float = _f(20.0, "cosine similarities times this scale are logits (the teacher's training scale)")
-    kd_temperature: float = _f(1.0, "distillation temperature of the KL over in-batch teacher similarities")
-    passage_batch_size: int = _f(16, "passages per step for the largest SubLM's passage alignment")
-    passage_weight: float = _f(1.0, "weight of the largest SubLM's passage alignment to the teacher")
-    seed: int = _f(0, "random seed")
+class TrainConfig:
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu or cuda; every training stage runs there")
+    checkpoint_every: int = _f(50, "optimizer steps between checkpoints (the stage resumes from the last one)")
+    log_every: int = _f(10, "optimizer steps per train_log.jsonl record")
+    threads: int = _f(0, "torch intra-op threads for training (0 = torch's default)")
+
+
+@dataclass
+class DistillConfig:
+    """Task-agnostic elastic distillation (eq. 7-8, Algorithm 1); Table 3's first column, scaled."""
+
+    text: list = _f(["data/text/wikitext-2.valid.tokens.gz", "data/text/wikitext-2.test.tokens.gz"],
+                    "unlabeled WikiText token files (paragraphs become examples)")
+    use_collection: bool = _f(True, "add the passage collection to the unlabeled text")
+    use_train_queries: bool = _f(True, "add the training queries to the unlabeled text")
+    steps: int = _f(300, "optimizer steps; each traverses every SubLM")
+    batch_size: int = _f(32, "sequences per step (Table 3: 1024 on 8 GPUs)")
+    max_length: int = _f(128, "tokens per sequence (Table 3: 128)")
+    lr: float = _f(1e-4, "AdamW peak learning rate (Table 3: 3e-4 at batch 1024)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (Table 3)")
+    warmup: float = _f(0.01, "fraction of steps of linear warmup (Table 3)")
+    max_grad_norm: float = _f(5.0, "gradient clipping norm (Table 3)")
+    relation_heads: int = _f(16, "R: relation heads of the last MHA block (16 at hidden 384 keeps the paper's d_r = 24)")
+    seed: int = _f(0, "random seed of batch sampling")
+
+
+@dataclass
+class FinetuneConfig:
+    """Task-specific fine-tuning for dense retrieval (eq. 9-10, Fig. 6)."""
+
+    steps: int = _f(300, "optimizer steps; each traverses every SubLM on the query side")
+    batch_size: int = _f(16, "training queries per step")
+    hard_negatives: int = _f(1, "BM25 hard negatives per query (Table 3, NQ: 1), besides the in-batch ones")
+    bm25_depth: int = _f(30, "hard negatives are drawn from each query's BM25 top-k, the pseudo-positive excluded")
+    lr: float = _f(5e-5, "AdamW peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay (Table 3: 0)")
+    warmup: float = _f(0.1, "fraction of steps of linear warmup (Table 3)")
+    max_grad_norm: float = _f(5.0, "gradient clipping norm")
+    temperature: float = _f(0.05, "NLL logits are cosine / temperature (0.05: the teacher's training scale 20)")
+    passage_side: str = _f("teacher", "teacher: the frozen teacher encodes passages; largest: the largest SubLM does (paper Fig. 6)")
+    kd_weight: float = _f(1.0, "weight of the KL to the teacher's similarity distribution (0 = off)")
+    kd_temperature: float = _f(1.0, "distillation temperature of that KL (the loss is multiplied by its square)")
+    seed: int = _f(0, "random seed of batch sampling")
+
+
+@dataclass
+class StaticConfig:
+    enabled: bool = _f(True, "train the 'w/o elasticity' baselines: each level alone, same recipe and step budget")
+    levels: list = _f([], "levels to train alone (empty = every level of prune.levels)")
 
 
 @dataclass
@@ -89,7 +129,10 @@ class RecipeConfig:
     run_dir: str = _f("runs/demo", "where every step writes (git-ignored)")
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    static: StaticConfig = field(default_factory=StaticConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
@@ -128,10 +171,29 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     lv = cfg.prune.levels
     if not lv or not all(isinstance(p, int) and 0 < p <= 100 for p in lv) or len(set(lv)) != len(lv):
         raise ValueError(f"config prune.levels: expected distinct integer percents in (0, 100], got {lv!r}")
-    for name in ("prune.batch_size", "recover.batch_size", "serve.batch_size", "encode.batch_size"):
+    for name in ("prune.batch_size", "distill.batch_size", "distill.steps", "distill.max_length", "finetune.batch_size",
+                 "finetune.steps", "finetune.bm25_depth", "serve.batch_size", "encode.batch_size",
+                 "train.checkpoint_every", "train.log_every"):
         sec, key = name.split(".")
         if getattr(getattr(cfg, sec), key) < 1:
             raise ValueError(f"config {name}: must be >= 1")
+    for name in ("distill.lr", "finetune.lr", "finetune.temperature", "finetune.kd_temperature", "distill.max_grad_norm",
+                 "finetune.max_grad_norm"):
+        sec, key = name.split(".")
+        if not getattr(getattr(cfg, sec), key) > 0:
+            raise ValueError(f"config {name}: must be > 0")
+    if cfg.finetune.passage_side not in ("teacher", "largest"):
+        raise ValueError(f"config finetune.passage_side: expected 'teacher' or 'largest', got {cfg.finetune.passage_side!r}")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"config train.device: expected auto, cpu or cuda, got {cfg.train.device!r}")
+    if not 0 <= cfg.finetune.hard_negatives < cfg.finetune.bm25_depth:
+        raise ValueError("config finetune.hard_negatives: must be >= 0 and below finetune.bm25_depth")
+    if cfg.finetune.kd_weight < 0:
+        raise ValueError("config finetune.kd_weight: must be >= 0 (0 = off)")
+    if not 0 <= cfg.distill.warmup < 1 or not 0 <= cfg.finetune.warmup < 1:
+        raise ValueError("config distill.warmup / finetune.warmup: a fraction of steps in [0, 1)")
+    if not all(p in lv for p in cfg.static.levels):
+        raise ValueError(f"config static.levels: {cfg.static.levels!r} are not all in prune.levels {lv!r}")
     if cfg.load.min_wait_s > cfg.load.max_wait_s:
         raise ValueError("config load.min_wait_s: larger than load.max_wait_s")
     return cfg
@@ -160,4 +222,9 @@ def config_cli(description: str, run) -> None:
 
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--config", help="recipe YAML (default: built-in defaults)")
-    run(load_config(ap.parse_args().config))
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
+    a = ap.parse_args()
+    cfg = load_config(a.config)
+    if a.device:
+        cfg.train.device = a.device
+    run(cfg)

@@ -55,7 +55,7 @@ def run(cfg: RecipeConfig) -> None:
     teacher = ElasticEncoder(teacher_path(cfg))
     side = teacher_side(cfg, teacher)
     print(f"[prune] teacher side ready ({len(side.pids)} passages) in {time.time() - t0:.0f} s", flush=True)
-    rng = random.Random(cfg.recover.seed)
+    rng = random.Random(cfg.prune.seed)
     idx = rng.sample(range(len(side.train_queries)), min(cfg.prune.score_queries, len(side.train_queries)))
     bs = cfg.prune.batch_size
     batches = [

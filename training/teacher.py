@@ -1,5 +1,5 @@
 """The teacher's side of the recipe, computed once per run and cached under run_dir/teacher/:
-its passage embeddings of the collection (teacher baseline, recovery targets) and the
+its passage embeddings of the collection (teacher baseline, index of passage side "teacher", distillation targets) and the
 pseudo-labels of the unlabeled training queries.
 
 Pseudo-label: the teacher's top-1 passage in the collection for each training query. The

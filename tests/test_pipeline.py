@@ -1,0 +1,87 @@
+"""The whole recipe on a tiny teacher (hidden 32, 4 heads, intermediate 37, 2 layers): prune ->
+distil -> fine-tune -> static baseline -> index -> offline evaluation -> .mar, each step through
+its public run(cfg). Checks what each writes, not the (meaningless) quality of a random model."""
+
+import json
+import zipfile
+
+import pytest
+
+from tests.conftest import tiny_collection
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dir):
+    from elastic.data import read_tsv
+    from training.config import RecipeConfig
+
+    root = tmp_path_factory.mktemp("run")
+    col = tiny_collection(200)
+    (root / "collection.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in col.items()))
+    train = list(read_tsv("data/train-queries/msmarco.train.tsv.gz").items())[:48]
+    (root / "train.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in train))
+    dev = dict(list(read_tsv("data/msmarco/queries.dev500.tsv").items())[:30])
+    (root / "dev.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in dev.items()))
+    # synthetic qrels (every query judged against the first passage): the checks are about outputs
+    first = next(iter(col))
+    (root / "qrels.tsv").write_text("".join(f"{q} 0 {first} 1\n" for q in dev))
+    cfg = RecipeConfig(run_dir=str(root / "run"))
+    d, p, ds, ft = cfg.data, cfg.prune, cfg.distill, cfg.finetune
+    d.collection, d.train_queries, d.dev_queries, d.qrels = (str(root / f) for f in
+                                                             ("collection.tsv", "train.tsv", "dev.tsv", "qrels.tsv"))
+    p.teacher, p.levels, p.score_queries, p.batch_size = str(tiny_dir), [50, 30, 10], 16, 8
+    ds.text, ds.steps, ds.batch_size, ds.max_length, ds.relation_heads = ["data/text/wikitext-2.valid.tokens.gz"], 3, 4, 32, 4
+    ft.steps, ft.batch_size, ft.bm25_depth = 3, 4, 10
+    cfg.static.levels = [30]
+    cfg.train.device, cfg.train.checkpoint_every, cfg.train.log_every = "cpu", 2, 1
+    cfg.encode.batch_size = 64
+    from training import build_index, distill, finetune, prune, static
+
+    prune.run(cfg)
+    distill.run(cfg)
+    finetune.run(cfg)
+    static.run(cfg)
+    build_index.run(cfg)
+    return cfg
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+    run = tiny_run.run
+    for d in ("pruned", "distilled", "elastic", "static/30/elastic"):
+        assert (run / d / "model.safetensors").exists() and (run / d / "submap.json").exists(), d
+    assert json.loads((run / "elastic" / "finetune.json").read_text())["passage_side"] == "teacher"
+    assert json.loads((run / "index" / "index.json").read_text())["passage_encoder"] == "the teacher's passage embeddings"
+    log = [json.loads(x) for x in (run / "checkpoints" / "distill" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and set(log[0]) >= {"wall_s", "peak_mem_mib", "loss_per_level"}
+    assert json.loads((run / "static" / "30" / "elastic" / "submap.json").read_text())["levels"].keys() == {"30"}
+
+
+def test_offline_evaluation_rows(tiny_run, tmp_path):
+    from benchmarks.evaluate import COLUMNS, run
+
+    rows = run(tiny_run, out=tmp_path)
+    saved = json.loads((tmp_path / "offline.json").read_text())
+    assert saved == rows and all(list(r) == COLUMNS for r in rows)
+    assert [(r["system"], r["level"]) for r in rows] == [("bm25", None), ("teacher", None), ("elastic", 50),
+                                                          ("elastic", 30), ("elastic", 10), ("static", 30)]
+    for r in rows:
+        assert all(0 <= r[m] <= 1 for m in ("mrr_at_10", "r_at_20", "r_at_100"))
+        assert r["r_at_20"] <= r["r_at_100"] and r["latency_q_ms"] > 0
+    el = [r for r in rows if r["system"] == "elastic"]
+    assert el[0]["params"] > el[1]["params"] > el[2]["params"] and el[0]["gflops"] > el[2]["gflops"]
+    st = rows[-1]
+    assert (st["params"], st["gflops"]) == (el[1]["params"], el[1]["gflops"])  # same SubLM, trained alone
+    assert (tmp_path / "offline.png").stat().st_size > 0 and "| static | 30 |" in (tmp_path / "offline.md").read_text()
+    with pytest.raises(ValueError, match="no qid in common"):
+        bad = tmp_path / "q.tsv"
+        bad.write_text("999999999\tnothing\n")
+        run(tiny_run, queries=str(bad), out=tmp_path)
+
+
+def test_archive_packs_the_fine_tuned_model_unchanged(tiny_run, tmp_path):
+    from archive.build_mar import run
+
+    mar = run(tiny_run, tmp_path)
+    with zipfile.ZipFile(mar) as z:
+        assert z.read("model.safetensors") == (tiny_run.run / "elastic" / "model.safetensors").read_bytes()
+        assert z.read("index.faiss") == (tiny_run.run / "index" / "index.faiss").read_bytes()
