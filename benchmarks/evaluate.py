@@ -173,15 +173,18 @@ def evaluate(cfg: RecipeConfig, data: EvalData) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
-    def fmt(v):
+    """A markdown table: metrics with 4 decimals, latencies with 2, parameters with separators."""
+    def fmt(c: str, v) -> str:
         if v is None:
             return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}" if v < 1 else f"{v:g}"
+        if c in ("mrr_at_10", "r_at_20", "r_at_100", "gflops"):
+            return f"{v:.4f}"
+        if c.startswith("latency"):
+            return f"{v:,.2f}"
         return f"{v:,}" if isinstance(v, int) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

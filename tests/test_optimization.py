@@ -211,3 +211,12 @@ def test_teacher_and_student_must_share_vocabulary_and_width(tiny_dir, tmp_path)
     with pytest.raises(ValueError, match="relation_heads: 5 does not divide the student's hidden size 48"):
         check_pair(wide, small, 5)
     check_pair(wide, small, 4)  # relations do not need equal widths
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_for_without_one_fails_with_the_field():
+    from training.loop import resolve_device
+
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="config train.device: 'cuda' asked for, but torch sees no CUDA device"):
+        resolve_device("cuda")

@@ -85,3 +85,14 @@ def test_archive_packs_the_fine_tuned_model_unchanged(tiny_run, tmp_path):
     with zipfile.ZipFile(mar) as z:
         assert z.read("model.safetensors") == (tiny_run.run / "elastic" / "model.safetensors").read_bytes()
         assert z.read("index.faiss") == (tiny_run.run / "index" / "index.faiss").read_bytes()
+
+
+def test_ablation_trains_and_scores_each_variant(tiny_run):
+    from benchmarks.ablation import run
+
+    rows = run(tiny_run)
+    names = ["passages=teacher kd=on", "passages=teacher kd=off", "passages=largest kd=on"]
+    assert [(r["variant"], r["level"]) for r in rows] == [(n, lv) for n in names for lv in (50, 30, 10)]
+    largest = tiny_run.run / "ablation" / "passages-largest_kd-on"
+    assert json.loads((largest / "finetune.json").read_text())["passage_side"] == "largest"
+    assert (tiny_run.run / "eval" / "ablation.md").read_text().count("passages=teacher kd=off") == 3
