@@ -49,8 +49,8 @@ def test_every_stage_writes_its_outputs(tiny_run):
     run = tiny_run.run
     for d in ("pruned", "distilled", "elastic", "static/30/elastic"):
         assert (run / d / "model.safetensors").exists() and (run / d / "submap.json").exists(), d
-    assert json.loads((run / "elastic" / "finetune.json").read_text())["passage_side"] == "teacher"
-    assert json.loads((run / "index" / "index.json").read_text())["passage_encoder"] == "the teacher's passage embeddings"
+    assert json.loads((run / "elastic" / "finetune.json").read_text())["passage_side"] == "largest"
+    assert json.loads((run / "index" / "index.json").read_text())["passage_encoder"] == "level 50% (the largest SubLM)"
     log = [json.loads(x) for x in (run / "checkpoints" / "distill" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and set(log[0]) >= {"wall_s", "peak_mem_mib", "loss_per_level"}
     assert json.loads((run / "static" / "30" / "elastic" / "submap.json").read_text())["levels"].keys() == {"30"}
@@ -93,6 +93,6 @@ def test_ablation_trains_and_scores_each_variant(tiny_run):
     rows = run(tiny_run)
     names = ["passages=teacher kd=on", "passages=teacher kd=off", "passages=largest kd=on"]
     assert [(r["variant"], r["level"]) for r in rows] == [(n, lv) for n in names for lv in (50, 30, 10)]
-    largest = tiny_run.run / "ablation" / "passages-largest_kd-on"
-    assert json.loads((largest / "finetune.json").read_text())["passage_side"] == "largest"
+    teacher_side = tiny_run.run / "ablation" / "passages-teacher_kd-on"
+    assert json.loads((teacher_side / "finetune.json").read_text())["passage_side"] == "teacher"
     assert (tiny_run.run / "eval" / "ablation.md").read_text().count("passages=teacher kd=off") == 3

@@ -81,7 +81,7 @@ class FinetuneConfig:
     warmup: float = _f(0.1, "fraction of steps of linear warmup (Table 3)")
     max_grad_norm: float = _f(5.0, "gradient clipping norm")
     temperature: float = _f(0.05, "NLL logits are cosine / temperature (0.05: the teacher's training scale 20)")
-    passage_side: str = _f("teacher", "teacher: the frozen teacher encodes passages; largest: the largest SubLM does (paper Fig. 6)")
+    passage_side: str = _f("largest", "largest: the largest SubLM encodes passages (paper Fig. 6); teacher: the frozen teacher does")
     kd_weight: float = _f(1.0, "weight of the KL to the teacher's similarity distribution (0 = off)")
     kd_temperature: float = _f(1.0, "distillation temperature of that KL (the loss is multiplied by its square)")
     seed: int = _f(0, "random seed of batch sampling")
