@@ -39,7 +39,7 @@ from elastic.structure import gflops, total_params
 from training.config import RecipeConfig, load_config, teacher_path
 from training.distill import fingerprint
 from training.finetune import passage_side_of
-from training.negatives import bm25_topk
+from training.negatives import bm25_index, bm25_search
 from training.static import static_levels
 
 DEPTH = 100  # passages retrieved per query (R@100)
@@ -68,12 +68,17 @@ class EvalData:
                    str(collection))
 
 
-def dense_run(q: torch.Tensor, P: torch.Tensor, pids: list[str], qids: list[str], k: int = DEPTH) -> dict:
-    """Exact top-k by inner product (FAISS IndexFlatIP, as served) -> {qid: {pid: score}}."""
+def flat_index(P: torch.Tensor):
+    """FAISS IndexFlatIP (exact inner product, as served) over (N, d) passage embeddings."""
     import faiss
 
     index = faiss.IndexFlatIP(P.shape[1])
     index.add(np.ascontiguousarray(P.numpy(), dtype=np.float32))
+    return index
+
+
+def dense_run(q: torch.Tensor, index, pids: list[str], qids: list[str], k: int = DEPTH) -> dict:
+    """Exact top-k of a :func:`flat_index` -> {qid: {pid: score}}."""
     scores, idx = index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), min(k, len(pids)))
     return {qid: {pids[j]: float(s) for j, s in zip(ri, rs)} for qid, ri, rs in zip(qids, idx, scores)}
 
@@ -118,12 +123,13 @@ def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str
         P = passage_embeddings(cfg, data, enc, enc.levels[0])
     else:
         P = passage_embeddings(cfg, data, ElasticEncoder(teacher_path(cfg)), 100)
+    index = flat_index(P)
     rows = []
     for level in enc.levels:
         sub = enc.sublm(level)
         q = enc.encode(data.qtexts, level, cfg.encode.query_max_length, 128)
         row = {"system": system, "level": None if teacher else level,
-               **retrieval_metrics(data.qrels, dense_run(q, P, data.pids, data.qids)),
+               **retrieval_metrics(data.qrels, dense_run(q, index, data.pids, data.qids)),
                "params": total_params(enc.dims, sub), "gflops": round(gflops(enc.dims, sub), 4)}
         if latency:
             row["latency_q_ms"] = encoder_latency_ms(enc, level, 1, 16)
@@ -133,18 +139,15 @@ def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str
 
 
 def bm25_row(data: EvalData) -> dict:
-    rows, scores = bm25_topk(data.ptexts, data.qtexts, DEPTH)
+    retriever = bm25_index(data.ptexts)
+    rows, scores = bm25_search(retriever, data.qtexts, DEPTH)
     run = {qid: {data.pids[j]: float(s) for j, s in zip(r, sc)} for qid, r, sc in zip(data.qids, rows, scores)}
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(data.ptexts, stopwords="en", show_progress=False), show_progress=False)
 
     def timed(qs: list[str], repeats: int) -> float:
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            retriever.retrieve(bm25s.tokenize(qs, stopwords="en", show_progress=False), k=10, show_progress=False)
+            bm25_search(retriever, qs, 10)
             times.append((time.perf_counter() - t) * 1000)
         return round(statistics.median(times), 3)
 

@@ -100,25 +100,21 @@ def test_submap_errors_name_the_field(tiny_dir, tmp_path):
         Submap.load(p, dims)
 
 
+CONFIG_ERRORS = [
+    ("serve:\n  latency_constraint_ms: -3\n", "serve.latency_constraint_ms: must be a positive number"),
+    ("distill:\n  stepz: 3\n", "config distill.stepz: unknown field"),
+    ("finetune:\n  steps: many\n", "config finetune.steps: expected int, got 'many'"),
+    ("finetune:\n  passage_side: smallest\n", "config finetune.passage_side: expected 'teacher' or 'largest'"),
+    ("static:\n  levels: [50, 33]\n", r"config static.levels: \[50, 33\] are not all in prune.levels"),
+    ("train:\n  device: tpu\n", "config train.device: expected auto, cpu or cuda"),
+]
+
+
 def test_config_errors_name_the_field(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("serve:\n  latency_constraint_ms: -3\n")
-    with pytest.raises(ValueError, match="serve.latency_constraint_ms: must be a positive number"):
-        load_config(p)
-    p.write_text("distill:\n  stepz: 3\n")
-    with pytest.raises(ValueError, match="config distill.stepz: unknown field"):
-        load_config(p)
-    p.write_text("finetune:\n  steps: many\n")
-    with pytest.raises(ValueError, match="config finetune.steps: expected int, got 'many'"):
-        load_config(p)
-    p.write_text("finetune:\n  passage_side: smallest\n")
-    with pytest.raises(ValueError, match="config finetune.passage_side: expected 'teacher' or 'largest'"):
-        load_config(p)
-    p.write_text("static:\n  levels: [50, 33]\n")
-    with pytest.raises(ValueError, match=r"config static.levels: \[50, 33\] are not all in prune.levels"):
-        load_config(p)
-    p.write_text("train:\n  device: tpu\n")
-    with pytest.raises(ValueError, match="config train.device: expected auto, cpu or cuda"):
-        load_config(p)
+    for text, message in CONFIG_ERRORS:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_config(p)
     p.write_text("serve:\n  latency_constraint_ms: 40\n")
     assert load_config(p).serve.latency_constraint_ms == 40.0
