@@ -37,18 +37,40 @@ def model_config(serve: ServeConfig, query_max_length: int) -> dict:
         "responseTimeout": 120,
         "handler": {
             "latency_constraint_ms": serve.latency_constraint_ms,
+            "schedule": serve.schedule,
+            "late_requests": serve.late_requests,
             "management_address": f"http://127.0.0.1:{serve.management_port}",
             "query_max_length": query_max_length,
             "top_k": serve.top_k,
-            "poll_interval_ms": serve.poll_interval_ms,
             "torch_threads": serve.torch_threads,
         },
     }
 
 
+def archive(handler: Path, files: Path, yaml_cfg: dict, name: str, export_path: Path,
+            archive_format: str = "default") -> Path:
+    """torch-model-archiver over a staged folder: ``files`` go flat into the model directory,
+    ``yaml_cfg`` becomes its model-config.yaml. Returns the .mar (or no-archive directory) path.
+
+    Raises:
+        subprocess.CalledProcessError: torch-model-archiver failed.
+    """
+    export_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "model-config.yaml"
+        cfg_path.write_text(yaml.safe_dump(yaml_cfg, sort_keys=False))
+        cmd = [
+            str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", name, "--version", "1.0",
+            "--handler", str(handler), "--extra-files", str(files), "--config-file", str(cfg_path),
+            "--export-path", str(export_path), "--archive-format", archive_format, "--force",
+        ]
+        subprocess.run(cmd, check=True)
+    return export_path / (name if archive_format == "no-archive" else f"{name}.mar")
+
+
 def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
               archive_format: str = "default") -> Path:
-    """Stage the files and call torch-model-archiver; returns the .mar (or directory) path.
+    """Stage the model, index and elastic/ package, then ``archive`` them with the ElasticDenser handler.
 
     Raises:
         FileNotFoundError: a model or index file is missing (named).
@@ -58,7 +80,6 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
     for f in needed:
         if not f.exists():
             raise FileNotFoundError(f"{f}: missing; run training.prune/distill/finetune and training.build_index first")
-    export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"
         (stage / "elastic").mkdir(parents=True)
@@ -69,16 +90,19 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
             shutil.copy(index_dir / f, stage / f)
         for f in (ROOT / "elastic").glob("*.py"):
             shutil.copy(f, stage / "elastic" / f.name)
-        cfg_path = Path(tmp) / "model-config.yaml"
-        cfg_path.write_text(yaml.safe_dump(yaml_cfg, sort_keys=False))
-        cmd = [
-            str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", name, "--version", "1.0",
-            "--handler", str(ROOT / "handler" / "elastic_handler.py"), "--extra-files", str(stage),
-            "--config-file", str(cfg_path), "--export-path", str(export_path), "--archive-format", archive_format,
-            "--force",
-        ]
-        subprocess.run(cmd, check=True)
-    return export_path / (name if archive_format == "no-archive" else f"{name}.mar")
+        return archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, name, export_path, archive_format)
+
+
+def build_noop_mar(export_path: Path, batch_size: int, max_batch_delay_ms: int, name: str = "noop",
+                   archive_format: str = "no-archive") -> Path:
+    """The no-op model (benchmarks/noop_handler.py): the serving stack's ceiling, same batching."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "files").mkdir()
+        (Path(tmp) / "files" / "README").write_text("no model: benchmarks/noop_handler.py answers a fixed top-10\n")
+        cfg = {"minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
+               "responseTimeout": 120}
+        return archive(ROOT / "benchmarks" / "noop_handler.py", Path(tmp) / "files", cfg, name, export_path,
+                       archive_format)
 
 
 def main() -> None:

@@ -84,3 +84,37 @@ class TorchServe:
         with urllib.request.urlopen(f"{self.management}/models/{name}?customized=true", timeout=10) as resp:
             meta = json.loads(resp.read())[0].get("customizedMetadata", "{}")
         return json.loads(meta) if isinstance(meta, str) else meta
+
+
+def model_variant(base: Path, store: Path, name: str, handler: dict | None = None, batch: dict | None = None) -> Path:
+    """A copy of the no-archive model directory ``base`` as ``store/name`` whose model-config.yaml
+    differs only by ``handler`` settings (e.g. pin_level, latency_constraint_ms) and top-level
+    ``batch`` keys (batchSize, maxBatchDelay); files are hard links, so a variant costs no disk.
+    This is what ops would do to change a setting: a model directory with its own yaml."""
+    import yaml
+
+    out = store / name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out, copy_function=os.link)
+    cfg_path = out / "model-config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg.update(batch or {})
+    if handler:
+        cfg.setdefault("handler", {}).update(handler)
+    cfg_path.unlink()  # a hard link: write a new file, leave base's untouched
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def free_ports(n: int) -> list[int]:
+    """n free TCP ports on 127.0.0.1."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

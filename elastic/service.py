@@ -14,16 +14,18 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass, fields
+from collections import deque
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from elastic.encoder import ElasticEncoder
-from elastic.schedule import Calibration, choose_level
+from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
+                              parse_request_start, plan_batch)
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +41,38 @@ class HandlerSettings:
 
     Attributes:
         latency_constraint_ms: T in milliseconds (> 0); env ELASTIC_LATENCY_CONSTRAINT_MS wins.
-        management_address: TorchServe management API, polled for the queue size g;
-            env ELASTIC_MANAGEMENT_ADDRESS wins.
+        schedule: "deadline" (each request's age, corrected t_k, queue bound; the default) or
+            "paper" ((g+1)·t_k <= T, batched): see elastic/schedule.py.
+        late_requests: "shed" (a request that cannot be answered within T even by the smallest
+            SubLM gets 503 + Retry-After at once; one past its deadline is never computed) or
+            "serve" (computed however late).
+        pin_level: serve every batch with this preserving level (percent): a static baseline
+            on the same serving stack. Empty = elastic.
+        max_utilization: ρ_max of the deadline rule: at the arrival rate the worker sees, the
+            chosen SubLM may fill at most this share of its time (headroom for bursts).
+        retry_after_s: the Retry-After header (seconds) of a shed request's 503.
+        request_start_header: request header carrying the client-side start time (load
+            balancers set X-Request-Start); without it, a request's age is estimated.
+        request_start_max_age_ms: an older start is absurd: ignored for that request, counted.
+        management_address: TorchServe management API, polled for the queue size g after each
+            full batch; env ELASTIC_MANAGEMENT_ADDRESS wins.
         query_max_length: longest query in tokens ([CLS] and [SEP] included); longer -> 400.
         top_k: passages returned per query.
-        poll_interval_ms: period of the queue-size poll.
         torch_threads: intra-op threads of this worker.
         calibration_repeats: timed runs per (level, batch size) when calibrating t_k.
     """
 
     latency_constraint_ms: float
+    schedule: str = "deadline"
+    late_requests: str = "shed"
+    pin_level: Optional[int] = None
+    max_utilization: float = 0.7
+    retry_after_s: int = 1
+    request_start_header: str = "X-Request-Start"
+    request_start_max_age_ms: float = 60_000.0
     management_address: str = "http://127.0.0.1:8081"
     query_max_length: int = 32
     top_k: int = 10
-    poll_interval_ms: float = 5.0
     torch_threads: int = 1
     calibration_repeats: int = 30
 
@@ -77,7 +97,10 @@ class HandlerSettings:
             raise ValueError(f"handler.latency_constraint_ms: missing (set it in model-config.yaml or {ENV_T})")
         kw = {}
         for k, v in raw.items():
-            typ = {"float": float, "int": int, "str": str}[known[k].type]
+            typ = {"float": float, "int": int, "str": str, "Optional[int]": int}[known[k].type]
+            if v is None and known[k].type.startswith("Optional"):
+                kw[k] = None
+                continue
             try:
                 kw[k] = typ(v)
             except (TypeError, ValueError):
@@ -86,11 +109,19 @@ class HandlerSettings:
         if not (s.latency_constraint_ms > 0 and math.isfinite(s.latency_constraint_ms)):
             raise ValueError("handler.latency_constraint_ms: must be a positive number of milliseconds, "
                              f"got {raw['latency_constraint_ms']!r}")
-        for k in ("query_max_length", "top_k", "torch_threads", "calibration_repeats"):
+        for k in ("query_max_length", "top_k", "torch_threads", "calibration_repeats", "retry_after_s"):
             if getattr(s, k) < 1:
                 raise ValueError(f"handler.{k}: must be >= 1, got {getattr(s, k)}")
-        if not s.poll_interval_ms > 0:
-            raise ValueError(f"handler.poll_interval_ms: must be > 0, got {s.poll_interval_ms}")
+        if s.schedule not in RULES:
+            raise ValueError(f"handler.schedule: expected one of {list(RULES)}, got {s.schedule!r}")
+        if s.late_requests not in LATE_POLICIES:
+            raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
+        if not 0 < s.max_utilization <= 1:
+            raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
+        if not s.request_start_max_age_ms > 0:
+            raise ValueError(f"handler.request_start_max_age_ms: must be > 0, got {s.request_start_max_age_ms}")
+        if not s.request_start_header.strip():
+            raise ValueError("handler.request_start_header: must be a header name")
         return s
 
 
@@ -134,20 +165,31 @@ def parse_query(body: Any) -> str:
 
 
 class QueuePoller:
-    """Polls ``GET /models/{name}`` on the management API from a daemon thread and keeps the
-    latest ``jobQueueStatus.pendingRequests`` (the queue size g), so the per-batch path reads
-    an attribute instead of waiting on HTTP. A failed poll keeps the last value and logs once
-    per minute. About 0.4 ms per poll on a keep-alive connection (notes/torchserve-0.12.md)."""
+    """The queue size g from ``GET /models/{name}`` → ``jobQueueStatus.pendingRequests``, polled
+    once per request from a daemon thread, so the per-batch path reads an attribute and never
+    waits on HTTP.
 
-    def __init__(self, management_address: str, model_name: str, interval_ms: float):
+    The serving core asks for a poll after each full batch only. A batch that leaves the
+    frontend partly filled means the queue ran dry while it formed (g = 0), so an idle or
+    lightly loaded server sends no polls at all. Under load there is at most one poll per batch
+    instead of one every few milliseconds. About 0.4 ms per poll on a keep-alive connection
+    (notes/torchserve-0.12.md). A failed poll keeps the last value and logs once per minute.
+
+    Attributes:
+        queue_size: the latest g polled (read by the serving core; it may also reset it to 0).
+        polls: polls sent since start (for measuring the poller's cost).
+    """
+
+    def __init__(self, management_address: str, model_name: str):
         u = urlparse(management_address)
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"handler.management_address: expected http://host:port, got {management_address!r}")
         self.host, self.port = u.hostname, u.port or 80
         self.path = f"/models/{model_name}"
-        self.interval = interval_ms / 1000
         self.queue_size = 0
+        self.polls = 0
         self._last_warning = 0.0
+        self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="queue-poller", daemon=True)
 
@@ -157,6 +199,11 @@ class QueuePoller:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wanted.set()
+
+    def request(self) -> None:
+        """Ask for one poll (non-blocking; requests made while one is running merge into one)."""
+        self._wanted.set()
 
     def poll_once(self, conn: http.client.HTTPConnection) -> int:
         conn.request("GET", self.path)
@@ -168,9 +215,14 @@ class QueuePoller:
 
     def _loop(self) -> None:
         conn = None
-        while not self._stop.is_set():
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stop.is_set():
+                return
             try:
                 conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=2)
+                self.polls += 1
                 self.queue_size = self.poll_once(conn)
             except Exception as e:  # keep serving on the last known g
                 if conn is not None:
@@ -179,42 +231,65 @@ class QueuePoller:
                 if time.monotonic() - self._last_warning > 60:
                     log.warning("queue-size poll failed (%s); keeping g=%d", e, self.queue_size)
                     self._last_warning = time.monotonic()
-            self._stop.wait(self.interval)
+
+
+class FixedQueue:
+    """A queue signal that always reports ``queue_size`` (tests, and serving without a frontend)."""
+
+    def __init__(self, queue_size: int = 0):
+        self.queue_size = queue_size
+        self.polls = 0
+
+    def request(self) -> None:
+        self.polls += 1
 
 
 @dataclass
 class Result:
-    """The answer to one request: HTTP status and JSON-able payload."""
+    """The answer to one request: HTTP status, JSON-able payload and extra response headers."""
 
     status: int
     payload: dict
+    headers: dict = field(default_factory=dict)
 
 
 class ElasticRetriever:
     """ElasticDenser behind one worker: the elastic query encoder, the FAISS index of passages
-    encoded by the largest SubLM, and calibrated t_k per level and batch size.
+    encoded by the largest SubLM, calibrated t_k per level and batch size, and the schedule's
+    online state (per-batch overhead o, correction c, recent batches for age estimates).
 
     Args:
         model_dir: holds config.json, model.safetensors, submap.json, tokenizer files,
             index.faiss and pids.txt.
         settings: handler settings.
         max_batch: TorchServe batchSize of this model.
-        queue_size: callable returning the current g (the poller's attribute in production).
+        queue: the queue signal: ``queue_size`` attribute and ``request()`` (a QueuePoller in
+            production; FixedQueue(0) by default).
+        max_batch_delay_ms: TorchServe maxBatchDelay (what a request reaching an idle worker waits).
 
     Raises:
-        ValueError / FileNotFoundError: files missing or not matching each other.
+        ValueError / FileNotFoundError: files missing or not matching each other, or a pinned
+            level that the submap does not have (handler.pin_level).
     """
 
-    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue_size=lambda: 0):
+    HISTORY = 32  # recent batches kept for age and arrival-rate estimates
+    RATE_MIN_SPAN_S = 0.25
+
+    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+                 max_batch_delay_ms: float = 0.0):
         import faiss
 
         d = Path(model_dir)
         self.settings = settings
         self.max_batch = max_batch
-        self.queue_size = queue_size
+        self.max_batch_delay_ms = max_batch_delay_ms
+        self.queue = queue if queue is not None else FixedQueue(0)
         torch.set_num_threads(settings.torch_threads)
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d)
+        if settings.pin_level is not None and settings.pin_level not in self.encoder.levels:
+            raise ValueError(f"handler.pin_level: {settings.pin_level} is not a level of submap.json "
+                             f"{self.encoder.levels}")
         for f in ("index.faiss", "pids.txt"):
             if not (d / f).exists():
                 raise FileNotFoundError(f"{d}: {f} is missing")
@@ -227,6 +302,10 @@ class ElasticRetriever:
                              f"{self.encoder.dims.hidden_size}")
         self.calibration = self.calibrate()
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
+        self.correction = LatencyCorrection()  # c: observed / predicted processing time
+        self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
+        self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
+                         "request_start_ignored": 0}
         self._last_end: float | None = None
         self._last_waiting = False
 
@@ -280,15 +359,55 @@ class ElasticRetriever:
             if gap < self.OVERHEAD_CAP_MS:
                 self.overhead_ms += self.OVERHEAD_EWMA * (gap - self.overhead_ms)
 
-    def handle_batch(self, bodies: list[Any]) -> list[Result]:
-        """Answer every request of a batch; a bad one gets a 400 Result and the others go on.
+    def _ages_ms(self, request_starts: list[str | None], now_mono: float, now_epoch: float) -> list[float]:
+        """Each request's age: from its start header where valid, else the FIFO estimate."""
+        s = self.settings
+        estimate = None
+        ages = []
+        for value in request_starts:
+            age = parse_request_start(value, now_epoch, s.request_start_max_age_ms)
+            if age is None:
+                if value is not None:
+                    self.counters["request_start_ignored"] += 1
+                if estimate is None:
+                    estimate = estimate_age_ms(now_mono, self.history, self.max_batch_delay_ms + self.overhead_ms)
+                age = estimate
+            else:
+                self.counters["request_start_used"] += 1
+            ages.append(age)
+        return ages
+
+    def _arrival_rate(self, now: float, n: int) -> float:
+        """λ in requests per second: the requests of the recent batches (this one included) over
+        the time since the oldest of them started, that time taken as at least RATE_MIN_SPAN_S
+        (a few requests close together after a quiet spell are not a rush); 0 before any batch."""
+        if not self.history:
+            return 0.0
+        span = max(now - self.history[0][0], self.RATE_MIN_SPAN_S)
+        return (sum(b for _, _, b in self.history) + n) / span
+
+    def handle_batch(self, bodies: list[Any], request_starts: list[str | None] | None = None) -> list[Result]:
+        """Answer every request of a batch; a bad one gets a 400 Result, a shed one a 503 with
+        Retry-After, and the others go on.
+
+        Args:
+            bodies: request bodies (see ``parse_query``).
+            request_starts: per request, the value of the request-start header, or None.
 
         Each good answer: {"results": [{"pid", "score"} x top_k], "level": k in percent,
         "queue_size": g seen when the level was chosen}.
         """
-        start = time.perf_counter()
+        start, now_epoch = time.perf_counter(), time.time()
         self._observe_gap(start)
-        results: list[Result | None] = [None] * len(bodies)
+        n = len(bodies)
+        request_starts = request_starts or [None] * n
+        # g: a partly filled batch left an empty frontend queue behind; a full one leaves what the
+        # poll after the previous full batch saw, less this batch
+        full = n >= self.max_batch
+        if not full:
+            self.queue.queue_size = 0
+        g = max(0, int(self.queue.queue_size) - n) if full else 0
+        results: list[Result | None] = [None] * n
         texts, parsed_at = [], []
         for i, body in enumerate(bodies):
             try:
@@ -304,15 +423,33 @@ class ElasticRetriever:
             else:
                 ids.append(tok)
                 where.append(i)
-        g = int(self.queue_size())
+        self.counters["bad_request"] += n - len(ids)
         if ids:
-            level = choose_level(g, self.settings.latency_constraint_ms, self.calibration, min(len(ids), self.max_batch),
-                                 self.max_batch, self.overhead_ms)
-            scores, idx = self._search(ids, level)
-            for i, srow, irow in zip(where, scores, idx):
-                hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
-                results[i] = Result(200, {"results": hits, "level": level, "queue_size": g})
-        self._last_end, self._last_waiting = time.perf_counter(), g > 0
+            s = self.settings
+            ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
+            plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
+                              self.correction.value, s.schedule, s.late_requests, s.pin_level,
+                              self._arrival_rate(start, n), s.max_utilization, self.correction.mean)
+            keep = [k for k, ok in enumerate(plan.serve) if ok]
+            for k, ok in enumerate(plan.serve):
+                if not ok:
+                    results[where[k]] = Result(503, {"error": f"shed: cannot be answered within T = "
+                                                              f"{s.latency_constraint_ms:g} ms"},
+                                               {"Retry-After": str(s.retry_after_s)})
+            self.counters["shed"] += len(where) - len(keep)
+            if keep:
+                t0 = time.perf_counter()
+                scores, idx = self._search([ids[k] for k in keep], plan.level)
+                self.correction.observe(self.calibration.t(plan.level, len(keep)), (time.perf_counter() - t0) * 1000)
+                for k, srow, irow in zip(keep, scores, idx):
+                    hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
+                    results[where[k]] = Result(200, {"results": hits, "level": plan.level, "queue_size": g})
+                self.counters["served"] += len(keep)
+        self.counters["batches"] += 1
+        self.history.append((start, g, n))
+        if full:
+            self.queue.request()  # the next batch reads a g polled while this one was answered
+        self._last_end, self._last_waiting = time.perf_counter(), full
         return results  # type: ignore[return-value]
 
     def describe(self) -> dict:
@@ -324,4 +461,14 @@ class ElasticRetriever:
             "batch_sizes": list(c.batch_sizes),
             "processing_ms": {str(k): [round(t, 3) for t in v] for k, v in c.ms.items()},
             "overhead_ms": round(self.overhead_ms, 3),
+            "schedule": self.settings.schedule,
+            "late_requests": self.settings.late_requests,
+            "pin_level": self.settings.pin_level,
+            "max_batch": self.max_batch,
+            "max_batch_delay_ms": self.max_batch_delay_ms,
+            "correction": round(self.correction.value, 3),
+            "mean_correction": round(self.correction.mean, 3),
+            "max_utilization": self.settings.max_utilization,
+            "queue_polls": self.queue.polls,
+            "counters": dict(self.counters),
         }

@@ -1,9 +1,10 @@
 """TorchServe handler of ElasticDenser: a thin adapter over elastic.service.ElasticRetriever.
 
-Per batch: read g (the frontend's pending-queue size, polled in the background from the
-management API), choose the largest SubLM with expected latency <= T (elastic/schedule.py),
-encode the queries with it, search the FAISS index. Each request gets its own status: a bad
-request answers 400 with {"error": ...}; the others in its batch answer 200 with
+Per batch: read each request's start time (X-Request-Start) and g (the frontend's queue size,
+polled after full batches), let elastic/schedule.py pick the best SubLM that keeps every request
+within T and shed those that cannot make it, encode the queries with it, search the FAISS
+index. Each request gets its own status: a bad request answers 400 with {"error": ...}; a shed
+one 503 with Retry-After; the others in its batch answer 200 with
 {"results": [{"pid", "score"}...], "level": k, "queue_size": g}. User text is never logged.
 
 T (handler.latency_constraint_ms in model-config.yaml) can be overridden without rebuilding
@@ -31,8 +32,10 @@ class ElasticDenserHandler(BaseHandler):
         yaml_cfg = context.model_yaml_config or {}
         settings = HandlerSettings.from_yaml(yaml_cfg.get("handler"))
         max_batch = int(yaml_cfg.get("batchSize", getattr(context, "batch_size", 1) or 1))
-        self.poller = QueuePoller(settings.management_address, context.model_name, settings.poll_interval_ms)
-        self.retriever = ElasticRetriever(props["model_dir"], settings, max_batch, lambda: self.poller.queue_size)
+        max_delay = float(yaml_cfg.get("maxBatchDelay", 100))  # TorchServe's default maxBatchDelay
+        self.poller = QueuePoller(settings.management_address, context.model_name)
+        self.retriever = ElasticRetriever(props["model_dir"], settings, max_batch, self.poller, max_delay)
+        self.start_header = settings.request_start_header.lower()
         self.poller.start()
         self.context = context
         self.initialized = True
@@ -46,9 +49,19 @@ class ElasticDenserHandler(BaseHandler):
         if self._is_describe():
             return [self.describe_handle()]
         bodies = [row.get("body", row.get("data")) if isinstance(row, dict) else row for row in data]
+        starts = [self._request_start(context, i) for i in range(len(bodies))]
         out = []
-        for i, r in enumerate(self.retriever.handle_batch(bodies)):
+        for i, r in enumerate(self.retriever.handle_batch(bodies, starts)):
             if r.status != 200:
                 context.set_response_status(r.status, r.payload["error"], i)
+            for k, v in r.headers.items():
+                context.set_response_header(i, k, v)
             out.append(r.payload)
         return out
+
+    def _request_start(self, context, i):
+        """The request-start header of request i (header names compared case-insensitively)."""
+        for k, v in context.get_all_request_header(i).items():
+            if isinstance(k, str) and k.lower() == self.start_header and isinstance(v, str):
+                return v
+        return None

@@ -1,25 +1,39 @@
-"""Elastic schedule: the largest SubLM with (g+1)·t_k <= T, batching, validation."""
+"""Elastic schedule: the paper's rule (g+1)·t_k <= T, the deadline rule with request ages and the
+correction, shedding, age estimates, X-Request-Start parsing, validation."""
+
+import math
 
 import pytest
 
-from elastic.schedule import Calibration, choose_level, expected_latency_ms
+from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, expected_latency_ms, parse_request_start,
+                              plan_batch)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
 
 
+def paper(g, T, cal=CAL, batch=1, max_batch=1, overhead_ms=0.0):
+    """The paper's rule alone: no ages, no shedding."""
+    return plan_batch([0.0] * batch, g, T, cal, max_batch, overhead_ms, rule="paper", late="serve").level
+
+
 @pytest.mark.parametrize("g,level", [(0, 50), (5, 50), (6, 30), (9, 30), (10, 10), (29, 10), (30, 10), (500, 10)])
-def test_largest_level_within_T(g, level):
+def test_paper_rule_largest_level_within_T(g, level):
     # T = 60 ms: 50% fits while (g+1)*10 <= 60 (g <= 5), 30% while (g+1)*6 <= 60 (g <= 9),
     # else the smallest level, even past its own bound (g >= 30)
-    assert choose_level(g, 60.0, CAL) == level
+    assert paper(g, 60.0) == level
 
 
 def test_paper_inequality_exactly():
     for g in range(0, 40):
         for T in (5.0, 20.0, 60.0, 250.0):
-            k = choose_level(g, T, CAL)
             fits = [lv for lv, (t,) in CAL.ms.items() if (g + 1) * t <= T]
-            assert k == (max(fits) if fits else 10)
+            assert paper(g, T) == (max(fits) if fits else 10)
+
+
+def test_paper_rule_ignores_age_and_correction():
+    # a request 55 ms old under T = 60: the paper's rule still picks 50% (it sees only g)
+    plan = plan_batch([55.0], 0, 60.0, CAL, 1, correction=2.0, rule="paper", late="serve")
+    assert plan.level == 50 and plan.serve == (True,)
 
 
 def test_batching_counts_batches_ahead():
@@ -27,23 +41,157 @@ def test_batching_counts_batches_ahead():
     assert cal.t(50, 6) == pytest.approx(25.0)
     # g=16 waiting with batchSize 8 -> two full batches ahead: 20 (b=4) + 2*30 = 80 ms
     assert expected_latency_ms(16, cal.t(50, 4), cal.t(50, 8), 8) == pytest.approx(80.0)
-    assert choose_level(16, 80.0, cal, batch=4, max_batch=8) == 50
-    assert choose_level(17, 80.0, cal, batch=4, max_batch=8) == 10
-
-
-def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="latency_constraint_ms must be > 0"):
-        choose_level(0, 0.0, CAL)
-    with pytest.raises(ValueError, match="queue_size must be >= 0"):
-        choose_level(-1, 10.0, CAL)
-    with pytest.raises(ValueError, match="batch must be in 1..max_batch=4"):
-        choose_level(0, 10.0, CAL, batch=5, max_batch=4)
-    with pytest.raises(ValueError, match="processing times must be > 0 ms"):
-        Calibration((1,), {50: (0.0,)})
+    assert paper(16, 80.0, cal, batch=4, max_batch=8) == 50
+    assert paper(17, 80.0, cal, batch=4, max_batch=8) == 10
 
 
 def test_overhead_counts_once_per_batch():
     # o = 4 ms: 50% needs (g+1)*(10+4) <= 60 -> g <= 3; 30% (g+1)*(6+4) <= 60 -> g <= 5
-    assert [choose_level(g, 60.0, CAL, overhead_ms=4.0) for g in (3, 4, 5, 6)] == [50, 30, 30, 10]
+    assert [paper(g, 60.0, overhead_ms=4.0) for g in (3, 4, 5, 6)] == [50, 30, 30, 10]
+
+
+@pytest.mark.parametrize("age,level", [(0.0, 50), (50.0, 50), (50.1, 30), (54.0, 30), (54.1, 10), (58.0, 10)])
+def test_deadline_rule_keeps_the_oldest_request_within_T(age, level):
+    # T = 60, o = 0, c = 1, g = 0: 50% while age + 10 <= 60, 30% while age + 6 <= 60, then 10%
+    plan = plan_batch([age, 0.0], 0, 60.0, Calibration((1, 2), {50: (10.0, 10.0), 30: (6.0, 6.0), 10: (2.0, 2.0)}), 2)
+    assert plan.level == level and plan.serve == (True, True)
+
+
+def test_deadline_rule_takes_the_stricter_of_age_and_queue():
+    # g = 5 alone allows 50% ((5+1)*10 = 60); an age of 20 ms does not (20 + 10 + 5*10 > 60 is not
+    # what counts: the own deadline 20 + 10 = 30 holds, the queue bound 60 <= 60 holds) -> 50%
+    assert plan_batch([20.0], 5, 60.0, CAL, 1).level == 50
+    # g = 6 breaks the queue bound at 50% -> 30%, whatever the age
+    assert plan_batch([0.0], 6, 60.0, CAL, 1).level == 30
+
+
+def test_correction_scales_processing_times():
+    # c = 2: 50% costs 20 ms; the queue bound (g+1)*20 <= 60 holds for g <= 2
+    assert [plan_batch([0.0], g, 60.0, CAL, 1, correction=2.0).level for g in (2, 3)] == [50, 30]
+    # and the own deadline: age 41 + 20 > 60 -> 30% (41 + 12 <= 60)
+    assert plan_batch([41.0], 0, 60.0, CAL, 1, correction=2.0).level == 30
+
+
+def test_shedding_drops_only_what_cannot_make_it_and_never_computes_the_expired():
+    cal = Calibration((1, 2, 4), {50: (10.0, 12.0, 16.0), 10: (2.0, 3.0, 5.0)})
+    # T = 60: ages 70 (expired) and 58 (58 + t_10(b) > 60 for any b >= 1) are shed; 20 and 0 are served
+    plan = plan_batch([70.0, 20.0, 58.0, 0.0], 0, 60.0, cal, 4)
+    assert plan.serve == (False, True, False, True)
+    assert plan.level == 50 and plan.predicted_ms == pytest.approx(12.0)  # t_50(2): oldest served 20 + 12 <= 60
+    # shedding the oldest makes the batch smaller, so a request that fits at b = 3 is kept:
+    # 55.5 + t_10(4)=5 > 60 but 55.5 + t_10(3)=4 <= 60
+    plan = plan_batch([80.0, 55.5, 0.0, 0.0], 0, 60.0, cal, 4)
+    assert plan.serve == (False, True, True, True) and plan.level == 10
+    # everything expired: nothing computed
+    plan = plan_batch([61.0, 90.0], 0, 60.0, cal, 4)
+    assert plan.level is None and plan.serve == (False, False) and plan.predicted_ms == 0.0
+
+
+def test_serve_late_computes_everything_at_the_smallest_level():
+    plan = plan_batch([70.0, 0.0], 0, 60.0, Calibration((1, 2), {50: (10.0, 12.0), 10: (2.0, 3.0)}), 2, late="serve")
+    assert plan.serve == (True, True) and plan.level == 10
+
+
+def test_pinned_level_is_kept_and_still_sheds():
+    plan = plan_batch([0.0], 1000, 60.0, CAL, 1, pin_level=50)
+    assert plan.level == 50  # the static baseline never steps down
+    plan = plan_batch([55.0], 0, 60.0, CAL, 1, pin_level=50)
+    assert plan.serve == (False,)  # 55 + 10 > 60: shed even though 10% could have made it
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="latency_constraint_ms must be > 0"):
+        plan_batch([0.0], 0, 0.0, CAL, 1)
+    with pytest.raises(ValueError, match="queue_size must be >= 0"):
+        plan_batch([0.0], -1, 10.0, CAL, 1)
+    with pytest.raises(ValueError, match="batch must be in 1..max_batch=4"):
+        plan_batch([0.0] * 5, 0, 10.0, CAL, 4)
     with pytest.raises(ValueError, match="overhead_ms must be >= 0"):
-        choose_level(0, 60.0, CAL, overhead_ms=-1.0)
+        plan_batch([0.0], 0, 10.0, CAL, 1, overhead_ms=-1.0)
+    with pytest.raises(ValueError, match="ages_ms: the batch is empty"):
+        plan_batch([], 0, 10.0, CAL, 1)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        plan_batch([0.0], 0, 10.0, CAL, 1, rule="greedy")
+    with pytest.raises(ValueError, match="late must be one of"):
+        plan_batch([0.0], 0, 10.0, CAL, 1, late="drop")
+    with pytest.raises(ValueError, match=r"pin_level 40 is not a calibrated level \[10, 30, 50\]"):
+        plan_batch([0.0], 0, 10.0, CAL, 1, pin_level=40)
+    with pytest.raises(ValueError, match="ages_ms must be >= 0"):
+        plan_batch([-1.0], 0, 10.0, CAL, 1)
+    with pytest.raises(ValueError, match="processing times must be > 0 ms"):
+        Calibration((1,), {50: (0.0,)})
+
+
+def test_age_estimate_from_queue_history():
+    # no history: what a request finding the worker idle waits
+    assert estimate_age_ms(10.0, [], 3.0) == 3.0
+    # previous batch (start 9.990 s, b = 4) saw g = 0: this batch's head came after it started;
+    # it waited at most 10 ms, and about the idle wait
+    assert estimate_age_ms(10.0, [(9.990, 0, 4)], 3.0) == pytest.approx(3.0)
+    assert estimate_age_ms(10.0, [(9.999, 0, 4)], 3.0) == pytest.approx(1.0)
+    # previous batch saw g = 2 waiting: the head was already there at 9.990 -> at least 10 ms
+    assert estimate_age_ms(10.0, [(9.990, 2, 4)], 3.0) == pytest.approx(10.0)
+    # two batches back saw g = 9 >= 4 + 1: the head was there at 9.970 -> at least 30 ms
+    assert estimate_age_ms(10.0, [(9.970, 9, 4), (9.990, 5, 4)], 3.0) == pytest.approx(30.0)
+    # ... but g = 4 then means the head (5th) was not yet queued at 9.970
+    assert estimate_age_ms(10.0, [(9.970, 4, 4), (9.990, 5, 4)], 3.0) == pytest.approx(10.0)
+
+
+def test_latency_correction_is_a_high_quantile_within_bounds():
+    c = LatencyCorrection(window=10, quantile=0.9)
+    assert c.value == 1.0
+    for r in [1.0] * 8 + [3.0, 3.0]:
+        c.observe(10.0, 10.0 * r)
+    assert c.value == 3.0  # the 90th percentile of the last 10 ratios
+    for _ in range(10):
+        c.observe(10.0, 100.0)
+    assert c.value == 4.0  # clipped at max_c
+    for _ in range(10):
+        c.observe(10.0, 1.0)
+    assert c.value == 0.5  # clipped at min_c
+    with pytest.raises(ValueError, match="LatencyCorrection: bad window=0"):
+        LatencyCorrection(window=0)
+
+
+NOW = 1_700_000_000.0  # seconds since the epoch
+
+
+@pytest.mark.parametrize("value,age", [
+    ("t=1699999999.950", 50.0), ("1699999999.9", 100.0),  # seconds (nginx t=${msec})
+    ("t=1699999999950", 50.0), ("1699999999950000", 50.0), ("1699999999950000000", 50.0),  # ms, us, ns
+    ("t=1700000000.5", 0.0),  # 0.5 s in the future: clock skew, age 0
+])
+def test_request_start_forms(value, age):
+    assert parse_request_start(value, now_epoch_s=NOW, max_age_ms=60_000) == pytest.approx(age, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "t=", "nan", "inf", "-3", "t=1700000005", "t=1699990000",
+                                   "0.5"])
+def test_absurd_request_start_is_none(value):
+    # 5 s in the future; hours old; the epoch's first second
+    assert parse_request_start(value, now_epoch_s=NOW, max_age_ms=60_000) is None
+
+
+def test_utilization_bound_keeps_up_with_the_arrival_rate():
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 5: (2.0, 6.0)})
+    # o = 2: per request at a full batch 50% costs 20/8 = 2.5 ms, 20% 1.5 ms, 5% 1 ms.
+    # rho_max = 0.7 -> 50% up to 280 req/s, 20% up to 466, then 5%
+    levels = [plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=r, max_utilization=0.7).level
+              for r in (100, 280, 281, 466, 467, 2000)]
+    assert levels == [50, 50, 20, 20, 5, 5]
+    # the paper's rule knows nothing of the rate
+    assert plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=2000, max_utilization=0.7,
+                      rule="paper").level == 50
+    with pytest.raises(ValueError, match="max_utilization in \\(0, 1\\]"):
+        plan_batch([0.0], 0, 100.0, cal, 8, max_utilization=0.0)
+
+
+def test_tail_correction_for_own_deadline_mean_for_the_rest():
+    # c = 3 (tail), c_mean = 1: age 25 + 3*10 > 50 -> not 50%; 25 + 3*6 <= 50 -> 30%
+    assert plan_batch([25.0], 0, 50.0, CAL, 1, correction=3.0, mean_correction=1.0).level == 30
+    # shedding uses the mean: 47 + 1*2 <= 50 is kept (the tail 3*2 would have shed it)
+    plan = plan_batch([47.0], 0, 50.0, CAL, 1, correction=3.0, mean_correction=1.0)
+    assert plan.serve == (True,) and plan.level == 10
+    # the queue bound uses the mean: g = 4 at 50%: 5 * 10 <= 50 holds with c_mean = 1
+    assert plan_batch([0.0], 4, 50.0, CAL, 1, correction=1.5, mean_correction=1.0).level == 50
+    assert plan_batch([0.0], 4, 50.0, CAL, 1, correction=1.0, mean_correction=1.5).level == 30

@@ -1,11 +1,13 @@
 """Serving core without TorchServe: request parsing, settings, per-request errors in a batch,
-level choice from the queue size, and the TorchServe handler over a MockContext."""
+level choice from the queue size and request ages, shedding, pinned levels, and the TorchServe
+handler over a MockContext."""
 
 import json
+import time
 
 import pytest
 
-from elastic.service import BadRequest, ElasticRetriever, HandlerSettings, parse_query
+from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, parse_query
 
 
 def test_parse_query_forms():
@@ -44,13 +46,28 @@ def test_settings_validation_names_the_field():
         HandlerSettings.from_yaml({"latency_constraint_ms": 10, "speed": 1}, environ={})
 
 
+@pytest.mark.parametrize("field,value,msg", [
+    ("schedule", "fastest", r"handler.schedule: expected one of \['deadline', 'paper'\], got 'fastest'"),
+    ("late_requests", "drop", r"handler.late_requests: expected one of \['shed', 'serve'\], got 'drop'"),
+    ("pin_level", "big", "handler.pin_level: expected Optional\\[int\\], got 'big'"),
+    ("retry_after_s", 0, "handler.retry_after_s: must be >= 1, got 0"),
+    ("request_start_max_age_ms", -1, "handler.request_start_max_age_ms: must be > 0"),
+])
+def test_schedule_settings_are_validated(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, field: value}, environ={})
+    ok = HandlerSettings.from_yaml({"latency_constraint_ms": 50, "pin_level": None}, environ={})
+    assert ok.pin_level is None and ok.schedule == "deadline" and ok.late_requests == "shed"
+
+
 @pytest.fixture(scope="module")
 def retriever(tiny_elastic):
-    g = {"value": 0}
-    r = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16,
-                                                       calibration_repeats=3), max_batch=4, queue_size=lambda: g["value"])
-    r.g = g
-    return r
+    return ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16,
+                                                          calibration_repeats=3), max_batch=4, queue=FixedQueue(0))
+
+
+def now_header(age_ms: float = 0.0) -> str:
+    return f"t={time.time() - age_ms / 1000:.6f}"
 
 
 def test_bad_request_does_not_fail_its_batch(retriever):
@@ -73,18 +90,71 @@ def test_answers_equal_direct_search_at_that_level(retriever):
 
 
 def test_level_follows_queue_size(retriever):
-    cal = retriever.calibration
-    t50 = cal.t(50, 1)
-    retriever.settings = HandlerSettings(latency_constraint_ms=t50 * 1.5, query_max_length=16)
+    t50 = retriever.calibration.t(50, 4)
+    retriever.settings = HandlerSettings(latency_constraint_ms=t50 * 3, query_max_length=16)
     try:
-        retriever.g["value"] = 0
-        assert retriever.handle_batch([{"query": "cheap"}])[0].payload["level"] == 50
-        retriever.g["value"] = 1000
-        out = retriever.handle_batch([{"query": "cheap"}])[0].payload
-        assert out == {**out, "level": 10, "queue_size": 1000}
+        retriever.queue.queue_size = 1000  # seen only after a full batch (4): g = 1000 - 4
+        out = retriever.handle_batch([{"query": "cheap"}] * 4, [now_header()] * 4)
+        assert [r.payload["level"] for r in out] == [10] * 4 and out[0].payload["queue_size"] == 996
+        assert retriever.queue.polls >= 1  # a full batch asks for a fresh g
+        polls = retriever.queue.polls
+        # a partly filled batch: the frontend's queue ran dry, so g = 0 and the largest level fits
+        out = retriever.handle_batch([{"query": "cheap"}], [now_header()])
+        assert out[0].payload["level"] == 50 and out[0].payload["queue_size"] == 0
+        assert retriever.queue.queue_size == 0 and retriever.queue.polls == polls
     finally:
         retriever.settings = HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16)
-        retriever.g["value"] = 0
+        retriever.queue.queue_size = 0
+
+
+def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
+    T = retriever.settings.latency_constraint_ms
+    before = dict(retriever.counters)
+    out = retriever.handle_batch([{"query": "late"}, {"query": "fresh"}, b"{bad"],
+                                 [now_header(T + 5), now_header(0), now_header(0)])
+    assert [r.status for r in out] == [503, 200, 400]
+    assert out[0].headers == {"Retry-After": "1"} and "within T = 1000 ms" in out[0].payload["error"]
+    assert retriever.counters["shed"] == before["shed"] + 1
+    # age just under T: even the smallest level cannot finish it in time -> shed, not computed
+    t10 = retriever.calibration.t(10, 1)
+    out = retriever.handle_batch([{"query": "nearly late"}], [now_header(T - t10 / 4)])
+    assert out[0].status == 503
+    # the same request under late_requests=serve is answered (late)
+    retriever.settings = HandlerSettings(latency_constraint_ms=T, query_max_length=16, late_requests="serve")
+    try:
+        out = retriever.handle_batch([{"query": "late"}], [now_header(T + 5)])
+        assert out[0].status == 200 and out[0].payload["level"] == 10
+    finally:
+        retriever.settings = HandlerSettings(latency_constraint_ms=T, query_max_length=16)
+
+
+def test_age_lowers_the_level(retriever):
+    T = retriever.settings.latency_constraint_ms
+    t50, t10 = retriever.calibration.t(50, 1), retriever.calibration.t(10, 1)
+    retriever.correction.value = retriever.correction.mean = 1.0
+    retriever.overhead_ms = 0.0
+    # room for the smallest level only: T - age lies between t_10 and t_50 (o is 0 here)
+    age = T - (t10 + t50) / 2
+    out = retriever.handle_batch([{"query": "old but in time"}], [now_header(age)])
+    assert out[0].status == 200 and out[0].payload["level"] < 50
+
+
+@pytest.mark.parametrize("value", ["soon", "t=abc", f"t={time.time() + 3600:.3f}", f"t={time.time() - 3 * 3600:.3f}",
+                                   "nan", "-5"])
+def test_absurd_request_start_is_ignored_and_counted(retriever, value):
+    before = retriever.counters["request_start_ignored"]
+    out = retriever.handle_batch([{"query": "what is a bank"}], [value])
+    assert out[0].status == 200
+    assert retriever.counters["request_start_ignored"] == before + 1
+
+
+def test_pinned_level_serves_every_batch_at_that_level(tiny_elastic):
+    r = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, pin_level=30, calibration_repeats=2),
+                         max_batch=4, queue=FixedQueue(500))
+    out = r.handle_batch([{"query": "a"}] * 4, [now_header()] * 4)
+    assert {x.payload["level"] for x in out} == {30}
+    with pytest.raises(ValueError, match=r"handler.pin_level: 40 is not a level of submap.json \[50, 30, 10\]"):
+        ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=10.0, pin_level=40))
 
 
 def test_submap_not_matching_weights_fails_at_load(tiny_elastic, tmp_path):
@@ -107,12 +177,20 @@ class MockContext:
         self.model_yaml_config = yaml_cfg
         self.model_name = "elastic"
         self.statuses = {}
+        self.headers_out = {}
+        self.headers_in = {}
 
     def set_response_status(self, code=200, phrase="", idx=0):
         self.statuses[idx] = (code, phrase)
 
     def get_request_header(self, idx, key):
-        return None
+        return self.headers_in.get(idx, {}).get(key)
+
+    def get_all_request_header(self, idx):
+        return self.headers_in.get(idx, {})
+
+    def set_response_header(self, idx, key, value):
+        self.headers_out.setdefault(idx, {})[key] = value
 
 
 def test_handler_over_mock_context(tiny_elastic):
@@ -127,6 +205,10 @@ def test_handler_over_mock_context(tiny_elastic):
         assert out[0]["level"] == 50 and len(out[0]["results"]) == 10
         assert ctx.statuses == {1: (400, "query is empty")} and out[1] == {"error": "query is empty"}
         assert h.describe_handle()["batch_sizes"] == [1, 2]
+        # the start header, whatever its case: an old request is shed with Retry-After
+        ctx.statuses, ctx.headers_in = {}, {0: {"x-request-start": now_header(2000)}, 1: {"X-Request-Start": now_header()}}
+        out = h.handle([{"body": {"query": "old"}}, {"body": {"query": "new"}}], ctx)
+        assert ctx.statuses[0][0] == 503 and ctx.headers_out == {0: {"Retry-After": "1"}} and out[1]["level"] == 50
     finally:
         h.poller.stop()
     with pytest.raises(ValueError, match="handler.latency_constraint_ms: must be a positive number"):
@@ -134,17 +216,13 @@ def test_handler_over_mock_context(tiny_elastic):
 
 
 def test_overhead_is_learned_only_from_gaps_with_waiting_requests(retriever):
-    import time
-
     retriever.overhead_ms, retriever._last_end = 0.0, None
-    retriever.g["value"] = 0
     retriever.handle_batch([{"query": "a"}])
     time.sleep(0.02)
-    retriever.handle_batch([{"query": "b"}])  # idle gap (g was 0): not overhead
+    retriever.handle_batch([{"query": "b"}])  # the batch before was partly filled: idle gap, not overhead
     assert retriever.overhead_ms == 0.0
-    retriever.g["value"] = 3
-    retriever.handle_batch([{"query": "c"}])
+    retriever.handle_batch([{"query": "c"}] * 4)  # full: requests were waiting
     time.sleep(0.01)
-    retriever.handle_batch([{"query": "d"}])  # requests were waiting: the gap is overhead
+    retriever.handle_batch([{"query": "d"}])  # the gap is overhead
     assert retriever.overhead_ms > 0.0
-    retriever.g["value"], retriever.overhead_ms = 0, 0.0
+    retriever.overhead_ms = 0.0

@@ -103,10 +103,13 @@ class EncodeConfig:
 @dataclass
 class ServeConfig:
     latency_constraint_ms: float = _f(50.0, "latency constraint T in milliseconds (paper §4.3)")
-    batch_size: int = _f(1, "TorchServe batchSize (1 = one request per batch, as in the paper)")
-    max_batch_delay_ms: int = _f(5, "TorchServe maxBatchDelay in milliseconds")
+    schedule: str = _f("deadline", "elastic schedule: deadline (request ages, corrected t_k, queue bound) or paper "
+                       "((g+1)·t_k <= T); see elastic/schedule.py")
+    late_requests: str = _f("shed", "shed: a request that cannot be answered within T gets 503 + Retry-After at once; "
+                            "serve: computed however late")
+    batch_size: int = _f(8, "TorchServe batchSize (chosen by benchmarks/batching.py; 1 = the paper's one request per batch)")
+    max_batch_delay_ms: int = _f(2, "TorchServe maxBatchDelay in milliseconds (chosen by benchmarks/batching.py)")
     top_k: int = _f(10, "passages returned per query")
-    poll_interval_ms: float = _f(5.0, "how often the handler polls the frontend's queue size")
     torch_threads: int = _f(1, "intra-op threads of the worker")
     management_port: int = _f(8081, "management API port on 127.0.0.1")
     inference_port: int = _f(8080, "inference API port on 127.0.0.1")
@@ -194,6 +197,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config distill.warmup / finetune.warmup: a fraction of steps in [0, 1)")
     if not all(p in lv for p in cfg.static.levels):
         raise ValueError(f"config static.levels: {cfg.static.levels!r} are not all in prune.levels {lv!r}")
+    from elastic.schedule import LATE_POLICIES, RULES
+
+    if cfg.serve.schedule not in RULES:
+        raise ValueError(f"config serve.schedule: expected one of {list(RULES)}, got {cfg.serve.schedule!r}")
+    if cfg.serve.late_requests not in LATE_POLICIES:
+        raise ValueError(f"config serve.late_requests: expected one of {list(LATE_POLICIES)}, got {cfg.serve.late_requests!r}")
+    if cfg.serve.max_batch_delay_ms < 0:
+        raise ValueError("config serve.max_batch_delay_ms: must be >= 0")
     if cfg.load.min_wait_s > cfg.load.max_wait_s:
         raise ValueError("config load.min_wait_s: larger than load.max_wait_s")
     return cfg

@@ -1,0 +1,54 @@
+"""The elastic schedule's own cost on the per-batch path, in microseconds.
+
+    python -m benchmarks.schedule_cost [--batch 8] [--levels 7] [--repeats 20000]
+
+Times what the serving core adds per batch for scheduling (elastic/service.py handle_batch):
+parsing each request's X-Request-Start, the arrival rate over the recent batches, the plan
+(plan_batch: shedding and the level over 7 levels and 4 calibrated batch sizes), and the
+correction update after the batch. Pure Python, one thread; prints the median and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import deque
+
+from elastic.schedule import Calibration, LatencyCorrection, estimate_age_ms, parse_request_start, plan_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="per-batch cost of the elastic schedule (microseconds)")
+    ap.add_argument("--batch", type=int, default=8, help="requests per batch (= batchSize)")
+    ap.add_argument("--levels", type=int, default=7, help="preserving levels")
+    ap.add_argument("--repeats", type=int, default=20000)
+    a = ap.parse_args()
+    sizes = (1, 2, 4, 8) if a.batch == 8 else (1, a.batch)
+    cal = Calibration(sizes, {lv: tuple(0.5 * lv / 5 * s ** 0.7 for s in sizes)
+                              for lv in [50, 40, 30, 20, 15, 10, 5][: a.levels]})
+    corr = LatencyCorrection()
+    for _ in range(200):
+        corr.observe(5.0, 6.0)
+    history = deque(((i * 0.01, 4, a.batch) for i in range(32)), maxlen=32)
+    times = []
+    for i in range(a.repeats):
+        now = time.time()
+        headers = [f"t={now - 0.004 * (k + 1):.6f}" for k in range(a.batch)]
+        t0 = time.perf_counter()
+        ages = [parse_request_start(h, now) for h in headers]
+        ages = [x if x is not None else estimate_age_ms(0.33, history, 3.0) for x in ages]
+        rate = (sum(b for _, _, b in history) + a.batch) / 0.32
+        plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, corr.value, arrival_rate_rps=rate, max_utilization=0.7,
+                          mean_correction=corr.mean)
+        corr.observe(cal.t(plan.level, a.batch), 5.5)
+        history.append((0.33, 6, a.batch))
+        times.append((time.perf_counter() - t0) * 1e6)
+    times.sort()
+    print(f"schedule cost per batch of {a.batch} ({a.levels} levels, {len(sizes)} calibrated batch sizes): "
+          f"median {statistics.median(times):.1f} us, p99 {times[int(0.99 * len(times))]:.1f} us "
+          f"over {a.repeats} batches")
+
+
+if __name__ == "__main__":
+    main()

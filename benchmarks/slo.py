@@ -1,0 +1,310 @@
+"""Open-loop SLO benchmark: every server at fixed Poisson rates and latency constraints T.
+
+    python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 25 50 100 200 300 400 500]
+        [--servers elastic elastic-paper static noop] [--static-levels 50 30 20 10 5]
+        [--duration-s 30] [--warmup-s 5] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
+
+Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_batch_delay_ms):
+- elastic: the deadline rule with shedding (the default handler settings);
+- elastic-paper: the paper's rule (g+1)·t_k <= T, serving late requests (the previous server);
+- static: one pinned level (handler.pin_level), same deadline-based shedding as elastic;
+- noop: benchmarks/noop_handler.py, no model: the ceiling of the serving stack (independent of T,
+  so one run per rate is scored against every T).
+
+For each server and T, the rates run in ascending order, each a warm-up then a measured window,
+Locust (benchmarks/openloop.py) pinned to CPU 1 and TorchServe to CPU 0. A server's sweep stops
+after the first rate where within_T < --stop-below (it has collapsed; higher rates are not run).
+Then the rate of its capacity (the highest with within_T >= 0.99) and the next one are run
+--repeats times in all, for the constraints in --repeat-T.
+
+Writes into --out:
+- slo.json: one row per run with exactly the keys of ``ROW_KEYS``;
+- slo.md: the sustainable rate of each server at each T (the highest rate where every run had
+  within_T >= 0.99), the spread of the repeated points, and the full table;
+- slo_within_T.png and slo_effective_mrr.png: against rate, one line per server, one panel per T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from archive.build_mar import build_noop_mar
+from archive.build_mar import run as build_model
+from benchmarks.report import with_rr
+from benchmarks.server import ROOT, TorchServe, model_variant, pinned
+from elastic.data import read_qrels
+from training.config import RecipeConfig, load_config
+
+ROW_KEYS = ("server", "level", "T_ms", "rate_rps", "requests", "ok", "shed", "errors", "p50_ms", "p99_ms", "within_T",
+            "windows_ok", "mrr_at_10", "effective_mrr_at_10", "mean_level")
+SERVERS = ("elastic", "elastic-paper", "static", "noop")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server configuration: kind (SERVERS), pinned level (static only), T (None for noop)."""
+
+    kind: str
+    level: int | None = None
+    T_ms: float | None = None
+
+    @property
+    def name(self) -> str:
+        t = "" if self.T_ms is None else f"-T{self.T_ms:g}"
+        return f"{self.kind}{self.level or ''}{t}"
+
+    def handler_settings(self) -> dict:
+        if self.kind == "elastic":
+            return {"latency_constraint_ms": self.T_ms, "schedule": "deadline", "late_requests": "shed"}
+        if self.kind == "elastic-paper":
+            return {"latency_constraint_ms": self.T_ms, "schedule": "paper", "late_requests": "serve"}
+        if self.kind == "static":
+            return {"latency_constraint_ms": self.T_ms, "schedule": "deadline", "late_requests": "shed",
+                    "pin_level": self.level}
+        return {}
+
+
+def score(records: list[dict], T_ms: float, duration_s: float, qrels: dict, server: Server, rate: float) -> dict:
+    """One row of slo.json from the raw records of one run (measured window only).
+
+    within_T: answers 200 within T / requests. windows_ok: share of 1-s windows (by scheduled send)
+    whose p99 is <= T, counting shed, failed and late requests as over T. mrr_at_10: over 200
+    answers; effective_mrr_at_10: over every request, late, shed or failed ones scoring 0.
+    """
+    recs = [r for r in records if 0 <= r["scheduled_s"] < duration_s]
+    rows = with_rr([{**r, "status": r["status"]} for r in recs], qrels)
+    n = len(rows)
+    ok = [r for r in rows if r["status"] == 200]
+    in_time = [r for r in ok if r["latency_ms"] <= T_ms]
+    lat = np.array([r["latency_ms"] for r in ok]) if ok else None
+    rr_ok = [r["rr_at_10"] for r in ok if r["rr_at_10"] is not None]
+    judged = sum(r["qid"] in qrels for r in rows)
+    windows = {}
+    for r in rows:
+        w = windows.setdefault(int(r["scheduled_s"]), [0, 0])
+        w[0] += 1
+        w[1] += r["status"] == 200 and r["latency_ms"] <= T_ms
+    levels = [r["level"] for r in ok if r["level"] is not None]
+    row = {
+        "server": server.kind, "level": server.level, "T_ms": T_ms, "rate_rps": rate, "requests": n, "ok": len(ok),
+        "shed": sum(r["status"] == 503 for r in rows), "errors": sum(r["status"] not in (200, 503) for r in rows),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if ok else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if ok else None,
+        "within_T": round(len(in_time) / n, 4) if n else None,
+        "windows_ok": round(sum(good >= math.ceil(0.99 * tot) for tot, good in windows.values()) / len(windows), 4)
+        if windows else None,
+        "mrr_at_10": round(float(np.mean(rr_ok)), 4) if rr_ok else None,
+        "effective_mrr_at_10": round(sum(r["rr_at_10"] or 0.0 for r in in_time) / judged, 4) if judged else None,
+        "mean_level": round(float(np.mean(levels)), 2) if levels else None,
+    }
+    assert tuple(row) == ROW_KEYS
+    return row
+
+
+def run_rate(url_host: str, model: str, queries: str, rate: float, a, raw: Path) -> list[dict]:
+    """One open-loop run (Locust on CPU 1); returns its raw records."""
+    cmd = pinned([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "openloop.py"), "--headless",
+                  "-u", "1", "-r", "1", "--only-summary", "--loglevel", "ERROR", "--host", url_host,
+                  "--queries", queries, "--model-name", model, "--rate", str(rate), "--warmup-s", str(a.warmup_s),
+                  "--duration-s", str(a.duration_s), "--drain-s", str(a.drain_s), "--raw-out", str(raw)], "1")
+    with open(raw.with_suffix(".log"), "w") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                       timeout=a.warmup_s + a.duration_s + a.drain_s + 60)
+    return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def serving(cfg: RecipeConfig, store: Path, model_dir: str, work: Path):
+    """TorchServe on CPU 0 with one model registered as ``elastic``; stopped on exit."""
+    s = cfg.serve
+    ts = TorchServe(ROOT / "config.properties", store, {"elastic": model_dir}, work,
+                    f"http://127.0.0.1:{s.management_port}")
+    ts.start(cpus="0")
+    try:
+        ts.wait_ready("elastic")
+        yield ts
+    finally:
+        ts.stop()
+        time.sleep(1.0)
+
+
+def sweep(cfg: RecipeConfig, server: Server, model_dir: str, store: Path, work: Path, a, qrels: dict,
+          Ts: list[float]) -> list[dict]:
+    """All rates (and repeats) of one server; rows for each T in ``Ts`` (several only for noop)."""
+    rows: list[dict] = []
+    host = f"http://127.0.0.1:{cfg.serve.inference_port}"
+    queries = a.queries or cfg.data.dev_queries
+    with serving(cfg, store, model_dir, work / server.name) as ts:
+        if server.kind != "noop":
+            (work / server.name / "describe.json").write_text(json.dumps(ts.describe("elastic"), indent=1))
+
+        def one(rate: float, rep: int) -> list[dict]:
+            raw = work / server.name / f"raw-{rate:g}-{rep}.jsonl"
+            recs = run_rate(host, "elastic", queries, rate, a, raw)
+            out = [score(recs, T, a.duration_s, qrels, server, rate) for T in Ts]
+            for r in out:
+                print(f"[slo] {server.name:>22} T={r['T_ms']:>4g} rate={rate:>5g} within_T={r['within_T']} "
+                      f"shed={r['shed']} p99={r['p99_ms']} eff_mrr={r['effective_mrr_at_10']} "
+                      f"level={r['mean_level']}", flush=True)
+            return out
+
+        main_T = Ts[0]
+        done = []
+        for rate in a.rates:
+            out = one(rate, 0)
+            rows += out
+            done.append(rate)
+            if next(r for r in out if r["T_ms"] == main_T)["within_T"] < a.stop_below:
+                break
+        if a.repeats > 1 and any(T in a.repeat_T for T in Ts):
+            T = next(T for T in Ts if T in a.repeat_T)
+            held = [r["rate_rps"] for r in rows if r["T_ms"] == T and r["within_T"] >= 0.99]
+            cap = max(held) if held else done[0]
+            nxt = [r for r in done if r > cap][:1]
+            for rate in [cap] + nxt:
+                for rep in range(1, a.repeats):
+                    rows += one(rate, rep)
+        if server.kind != "noop":  # the schedule's learned state (o, c) and counters after the runs
+            (work / server.name / "describe_end.json").write_text(json.dumps(ts.describe("elastic"), indent=1))
+    return rows
+
+
+def sustainable(rows: list[dict], server: str, level, T: float) -> float | None:
+    """Highest rate at which every run of (server, level, T) had within_T >= 0.99."""
+    by_rate: dict[float, list[float]] = {}
+    for r in rows:
+        if r["server"] == server and r["level"] == level and r["T_ms"] == T:
+            by_rate.setdefault(r["rate_rps"], []).append(r["within_T"])
+    held = [rate for rate, w in by_rate.items() if min(w) >= 0.99]
+    return max(held) if held else None
+
+
+def label(server: str, level) -> str:
+    return f"static {level} %" if server == "static" else server
+
+
+def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+    """slo.md and the two plots from the rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ts = sorted({r["T_ms"] for r in rows})
+    servers = sorted({(r["server"], r["level"]) for r in rows}, key=lambda s: (SERVERS.index(s[0]), -(s[1] or 0)))
+    lines = ["# Open-loop SLO benchmark", "", meta["how"], "",
+             "## Sustainable rate (req/s): the highest offered rate where every run kept within_T >= 0.99", "",
+             "| server | " + " | ".join(f"T = {T:g} ms" for T in Ts) + " |", "| --- |" + " --- |" * len(Ts)]
+    for s, lv in servers:
+        cells = []
+        for T in Ts:
+            v = sustainable(rows, s, lv, T)
+            cells.append("below the lowest rate" if v is None else f"{v:g}")
+        lines.append(f"| {label(s, lv)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Repeated points (spread over runs)", "",
+              "| server | T ms | rate | runs | within_T min–max | effective MRR@10 min–max | p99 ms min–max |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["level"], r["T_ms"], r["rate_rps"]), []).append(r)
+    for (s, lv, T, rate), g in sorted(groups.items(), key=lambda kv: (SERVERS.index(kv[0][0]), -(kv[0][1] or 0),
+                                                                          kv[0][2], kv[0][3])):
+        if len(g) > 1:
+            def rng(k):
+                vals = [x[k] for x in g if x[k] is not None]
+                return f"{min(vals):g}–{max(vals):g}" if vals else "–"
+            lines.append(f"| {label(s, lv)} | {T:g} | {rate:g} | {len(g)} | {rng('within_T')} | "
+                         f"{rng('effective_mrr_at_10')} | {rng('p99_ms')} |")
+    lines += ["", "## Every run", "", "| " + " | ".join(ROW_KEYS) + " |", "|" + " --- |" * len(ROW_KEYS)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r[k] is None else str(r[k]) for k in ROW_KEYS) + " |")
+    (out / "slo.md").write_text("\n".join(lines) + "\n")
+
+    for key, fname, ylabel in (("within_T", "slo_within_T.png", "within T (share of requests)"),
+                               ("effective_mrr_at_10", "slo_effective_mrr.png", "effective MRR@10")):
+        fig, axes = plt.subplots(1, len(Ts), figsize=(5 * len(Ts), 4), sharey=True, squeeze=False)
+        for ax, T in zip(axes[0], Ts):
+            for s, lv in servers:
+                pts: dict[float, list[float]] = {}
+                for r in rows:
+                    if r["server"] == s and r["level"] == lv and r["T_ms"] == T and r[key] is not None:
+                        pts.setdefault(r["rate_rps"], []).append(r[key])
+                if pts:
+                    xs = sorted(pts)
+                    style = "-" if s.startswith("elastic") else ("--" if s == "static" else ":")
+                    ax.plot(xs, [np.median(pts[x]) for x in xs], style, marker="o", ms=3, label=label(s, lv))
+            if key == "within_T":
+                ax.axhline(0.99, color="grey", lw=0.6)
+            ax.set_title(f"T = {T:g} ms")
+            ax.set_xlabel("offered rate (req/s)")
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Open-loop SLO benchmark of elastic, paper-rule, static and no-op servers.")
+    ap.add_argument("--config", help="recipe YAML (the model is its run_dir/elastic and run_dir/index)")
+    ap.add_argument("--T", type=float, nargs="+", default=[50.0, 25.0, 100.0], help="latency constraints, ms")
+    ap.add_argument("--rates", type=float, nargs="+", default=[25, 50, 100, 150, 200, 300, 400, 500],
+                    help="offered rates, requests per second (ascending)")
+    ap.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    ap.add_argument("--static-levels", type=int, nargs="+", default=[50, 30, 20, 10, 5])
+    ap.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per run")
+    ap.add_argument("--warmup-s", type=float, default=5.0, help="seconds of load before each measured window")
+    ap.add_argument("--drain-s", type=float, default=10.0, help="seconds to wait for answers after the last send")
+    ap.add_argument("--stop-below", type=float, default=0.5, help="stop a server's sweep after within_T < this")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the points at and past each server's capacity")
+    ap.add_argument("--repeat-T", type=float, nargs="+", default=[50.0], help="constraints whose capacity is repeated")
+    ap.add_argument("--queries", help="qid<TAB>query file (default: data.dev_queries)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
+    a = ap.parse_args()
+    if sorted(a.rates) != list(a.rates) or min(a.rates) <= 0:
+        raise SystemExit("--rates: expected positive rates in ascending order")
+    if min(a.T) <= 0 or a.duration_s <= 0 or a.warmup_s < 0 or a.repeats < 1:
+        raise SystemExit("--T, --duration-s must be > 0, --warmup-s >= 0, --repeats >= 1")
+    cfg = load_config(a.config)
+    s = cfg.serve
+    work = (cfg.run / "slo").resolve()
+    store = work / "store"
+    base = build_model(cfg, store, "no-archive")
+    build_noop_mar(store, s.batch_size, s.max_batch_delay_ms)
+    qrels = read_qrels(cfg.data.qrels)
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = json.loads((a.out / "slo.json").read_text()) if a.append and (a.out / "slo.json").exists() else []
+    t0 = time.time()
+    if "noop" in a.servers:
+        rows += sweep(cfg, Server("noop"), "noop", store, work, a, qrels, a.T)
+    for T in a.T:
+        specs = [Server(k, None, T) for k in ("elastic", "elastic-paper") if k in a.servers]
+        if "static" in a.servers:
+            specs += [Server("static", lv, T) for lv in a.static_levels]
+        for spec in specs:
+            model_variant(base, store, spec.name, spec.handler_settings())
+            rows += sweep(cfg, spec, spec.name, store, work, a, qrels, [T])
+            (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")  # partial results survive a stop
+    (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")
+    how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: TorchServe (frontend and "
+           f"worker) on CPU 0, Locust open-loop Poisson arrivals on CPU 1; batchSize {s.batch_size}, maxBatchDelay "
+           f"{s.max_batch_delay_ms} ms; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
+           f"{(time.time() - t0) / 60:.0f} min in all. Static servers pin one level and shed like elastic; "
+           "elastic-paper is the paper's rule serving late requests; noop has no model (one run scored at every T).")
+    write_report(rows, a.out, {"how": how})
+    print(f"[slo] wrote {a.out / 'slo.json'}, slo.md and plots", flush=True)
+
+
+if __name__ == "__main__":
+    main()
