@@ -102,6 +102,9 @@ def test_submap_errors_name_the_field(tiny_dir, tmp_path):
 
 CONFIG_ERRORS = [
     ("serve:\n  latency_constraint_ms: -3\n", "serve.latency_constraint_ms: must be a positive number"),
+    ("serve:\n  schedule: greedy\n", "serve.schedule: expected one of \\['deadline', 'paper'\\], got 'greedy'"),
+    ("serve:\n  late_requests: drop\n", "serve.late_requests: expected one of \\['shed', 'serve'\\]"),
+    ("serve:\n  max_batch_delay_ms: -1\n", "serve.max_batch_delay_ms: must be >= 0"),
     ("distill:\n  stepz: 3\n", "config distill.stepz: unknown field"),
     ("finetune:\n  steps: many\n", "config finetune.steps: expected int, got 'many'"),
     ("finetune:\n  passage_side: smallest\n", "config finetune.passage_side: expected 'teacher' or 'largest'"),
