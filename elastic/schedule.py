@@ -217,7 +217,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
     return Plan(chosen, tuple(serve), c * cal.t(chosen, b))
 
 
-def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idle_wait_ms: float) -> float:
+def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idle_wait_ms: float,
+                    last_end_s: float | None = None) -> float:
     """Age of the oldest request of the batch starting at ``now_s``, when no request carries a
     start time: a lower bound from the queue sizes seen at earlier batches (FIFO queue).
 
@@ -232,11 +233,16 @@ def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idl
         history: (start_s, g, b) of earlier batches, oldest first: their start, the queue size g
             seen at their start, and their batch size.
         idle_wait_ms: what a request that finds the worker idle waits before the handler sees it.
+        last_end_s: when the previous batch ended (same clock). A gap longer than ``idle_wait_ms``
+            means the worker sat idle, so the frontend held nothing and no request of this batch
+            waited longer than ``idle_wait_ms``, whatever earlier batches saw.
 
     Returns:
         Estimated age in milliseconds (>= 0).
     """
     if not history:
+        return idle_wait_ms
+    if last_end_s is not None and (now_s - last_end_s) * 1000 > idle_wait_ms:
         return idle_wait_ms
     since = 0  # requests served by the batches after batch j-m
     age = None

@@ -370,7 +370,8 @@ class ElasticRetriever:
                 if value is not None:
                     self.counters["request_start_ignored"] += 1
                 if estimate is None:
-                    estimate = estimate_age_ms(now_mono, self.history, self.max_batch_delay_ms + self.overhead_ms)
+                    estimate = estimate_age_ms(now_mono, self.history, self.max_batch_delay_ms + self.overhead_ms,
+                                               self._last_end)
                 age = estimate
             else:
                 self.counters["request_start_used"] += 1

@@ -135,6 +135,9 @@ def test_age_estimate_from_queue_history():
     assert estimate_age_ms(10.0, [(9.970, 9, 4), (9.990, 5, 4)], 3.0) == pytest.approx(30.0)
     # ... but g = 4 then means the head (5th) was not yet queued at 9.970
     assert estimate_age_ms(10.0, [(9.970, 4, 4), (9.990, 5, 4)], 3.0) == pytest.approx(10.0)
+    # the worker sat idle for 500 ms since the last batch ended: nothing waited that long
+    assert estimate_age_ms(10.0, [(9.470, 9, 4), (9.490, 5, 4)], 3.0, last_end_s=9.5) == pytest.approx(3.0)
+    assert estimate_age_ms(10.0, [(9.970, 9, 4), (9.990, 5, 4)], 3.0, last_end_s=9.999) == pytest.approx(30.0)
 
 
 def test_latency_correction_is_a_high_quantile_within_bounds():
