@@ -18,7 +18,7 @@ from pathlib import Path
 
 from archive.build_mar import run as build_model
 from benchmarks.server import model_variant
-from benchmarks.slo import ROW_KEYS, Server, sweep
+from benchmarks.slo import Server, sweep
 from elastic.data import read_qrels
 from training.config import load_config
 
@@ -61,7 +61,6 @@ def main() -> None:
              "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows]
     (a.out / "batching.md").write_text("\n".join(lines) + "\n")
-    assert all(k in rows[0] for k in ROW_KEYS)
     print((a.out / "batching.md").read_text(), flush=True)
 
 

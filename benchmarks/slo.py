@@ -82,7 +82,7 @@ def score(records: list[dict], T_ms: float, duration_s: float, qrels: dict, serv
     answers; effective_mrr_at_10: over every request, late, shed or failed ones scoring 0.
     """
     recs = [r for r in records if 0 <= r["scheduled_s"] < duration_s]
-    rows = with_rr([{**r, "status": r["status"]} for r in recs], qrels)
+    rows = with_rr(recs, qrels)
     n = len(rows)
     ok = [r for r in rows if r["status"] == 200]
     in_time = [r for r in ok if r["latency_ms"] <= T_ms]
