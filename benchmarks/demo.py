@@ -2,8 +2,9 @@
 
     python -m benchmarks.demo [--config configs/demo.yaml] [--device cuda]
 
-prune the bundled teacher into nested SubLMs -> task-agnostic elastic distillation (MiniLMv2
-relations) -> fine-tuning for dense retrieval -> [static baselines, when the recipe enables them]
+prune the bundled teacher into nested SubLMs -> [task-agnostic elastic distillation (MiniLMv2
+relations), when the recipe enables it] -> the task stage (query-side distillation to the
+teacher's index, or fine-tuning) -> [static baselines, when the recipe enables them]
 -> FAISS index -> offline evaluation (BM25, teacher, every level) ->
 model_store/elasticdenser.mar -> TorchServe + Locust rush -> report. Prints where the report is.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from archive import build_mar
 from benchmarks import evaluate, online
-from training import build_index, distill, finetune, prune, static
+from training import build_index, prune, static, train
 from training.config import load_config
 
 
@@ -30,8 +31,7 @@ def main() -> None:
         cfg.train.device = a.device
     t0 = time.time()
     prune.run(cfg)
-    distill.run(cfg)
-    finetune.run(cfg)
+    train.run(cfg)
     if cfg.static.enabled:
         static.run(cfg)
     build_index.run(cfg)

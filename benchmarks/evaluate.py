@@ -7,7 +7,8 @@ every static baseline, on one query set, qrels and collection.
 Defaults: the recipe's dev queries, qrels and collection (dev500 and the embedded sample).
 Rows: bm25, teacher, elastic (run_dir/elastic, each level), static (run_dir/static/<p>/elastic,
 when the recipe trains them). Columns: MRR@10, R@20, R@100 (ir-measures over each system's
-top 100), encoder parameters, GFLOPs of one 128-token sequence, and the median latency of one
+top 100), nDCG@10 (graded gains when the qrels are graded, TREC DL style), the mean cosine
+between the row's query embedding and the teacher's (same hidden size only), encoder parameters, GFLOPs of one 128-token sequence, and the median latency of one
 query (batch 1, 16 tokens) and of one batch (32 x 128 tokens) of the encoder on this machine
 with ``serve.torch_threads`` threads, as the TorchServe worker runs. BM25's latency is bm25s
 retrieving one query (``latency_b_ms``: 32 queries). Each system's passages are encoded by its
@@ -15,7 +16,7 @@ passage side (finetune.json): the teacher's embeddings, or its own largest level
 run_dir/eval/cache/.
 
 Writes DIR (default run_dir/eval)/offline.json (one object per row; keys system, level,
-mrr_at_10, r_at_20, r_at_100, params, gflops, latency_q_ms, latency_b_ms), offline.md and
+COLUMNS), offline.md and
 offline.png (quality against preserving level, elastic beside static: the paper's Fig. 8).
 """
 
@@ -43,7 +44,8 @@ from training.negatives import bm25_index, bm25_search
 from training.static import static_levels
 
 DEPTH = 100  # passages retrieved per query (R@100)
-COLUMNS = ["system", "level", "mrr_at_10", "r_at_20", "r_at_100", "params", "gflops", "latency_q_ms", "latency_b_ms"]
+COLUMNS = ["system", "level", "mrr_at_10", "ndcg_at_10", "r_at_20", "r_at_100", "cos_to_teacher", "params", "gflops",
+           "latency_q_ms", "latency_b_ms"]
 
 
 @dataclass
@@ -115,21 +117,31 @@ def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int,
     return round(statistics.median(times), 3)
 
 
-def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str, latency: bool = True) -> list[dict]:
-    """One row per level of the model directory (the teacher: one row, level None)."""
+def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str, latency: bool = True,
+                 passage_side: str | None = None) -> list[dict]:
+    """One row per level of the model directory (the teacher: one row, level None).
+
+    ``passage_side`` ('teacher' or 'largest') overrides the model's own (finetune.json): which
+    encoder fills the index its levels are scored against."""
     enc = ElasticEncoder(model_dir)
     teacher = system == "teacher"
-    if teacher or passage_side_of(model_dir) == "largest":
+    side = passage_side or passage_side_of(model_dir)
+    t_enc = enc if teacher else ElasticEncoder(teacher_path(cfg))
+    if teacher or side == "largest":
         P = passage_embeddings(cfg, data, enc, enc.levels[0])
     else:
-        P = passage_embeddings(cfg, data, ElasticEncoder(teacher_path(cfg)), 100)
+        P = passage_embeddings(cfg, data, t_enc, 100)
     index = flat_index(P)
+    same_space = t_enc.dims.hidden_size == enc.dims.hidden_size
+    tq = t_enc.encode(data.qtexts, 100, cfg.encode.query_max_length, 128) if same_space else None
     rows = []
     for level in enc.levels:
         sub = enc.sublm(level)
         q = enc.encode(data.qtexts, level, cfg.encode.query_max_length, 128)
         row = {"system": system, "level": None if teacher else level,
                **retrieval_metrics(data.qrels, dense_run(q, index, data.pids, data.qids)),
+               "cos_to_teacher": round(float(torch.nn.functional.cosine_similarity(q, tq, dim=-1).mean()), 4)
+               if same_space else None,
                "params": total_params(enc.dims, sub), "gflops": round(gflops(enc.dims, sub), 4)}
         if latency:
             row["latency_q_ms"] = encoder_latency_ms(enc, level, 1, 16)
@@ -180,7 +192,7 @@ def to_markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
     def fmt(c: str, v) -> str:
         if v is None:
             return "-"
-        if c in ("mrr_at_10", "r_at_20", "r_at_100", "gflops"):
+        if c in ("mrr_at_10", "ndcg_at_10", "r_at_20", "r_at_100", "cos_to_teacher", "gflops"):
             return f"{v:.4f}"
         if c.startswith("latency"):
             return f"{v:,.2f}"

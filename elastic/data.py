@@ -76,3 +76,90 @@ def read_wikitext(path: str | Path, min_words: int = 8) -> list[str]:
     if not out:
         raise ValueError(f"{path}: no paragraph of at least {min_words} words (empty or not a WikiText token file)")
     return out
+
+
+def _is_answer_list(field: str) -> bool:
+    field = field.strip().strip('"')  # DPR's files CSV-quote an answer list holding quotes
+    return field.startswith("[") and field.endswith("]")
+
+
+def read_queries(path: str | Path) -> list[str]:
+    """Query texts of one unlabeled query file, in file order. Two formats are recognised:
+
+    - ``qid<TAB>query`` (MS MARCO);
+    - DPR's ``question<TAB>['answer', ...]`` (NQ, TriviaQA): the question is kept, the
+      answers are ignored.
+
+    The format is decided by the first line and every line must follow it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty file, a line without a tab, an empty query, or a line of the other
+            format (the message names the file and line).
+    """
+    out: list[str] = []
+    dpr = None
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{n}: expected 'qid<TAB>query' or 'question<TAB>[answers]', found no tab")
+            a, b = line.split("\t", 1)
+            if dpr is None:
+                dpr = _is_answer_list(b)
+            elif dpr != _is_answer_list(b):
+                raise ValueError(f"{path}:{n}: mixes formats: the first line is "
+                                 f"{'question<TAB>[answers]' if dpr else 'qid<TAB>query'}, this one is not")
+            text = (a if dpr else b).strip()
+            if not text:
+                raise ValueError(f"{path}:{n}: empty query")
+            out.append(text)
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out
+
+
+def normalize_query(text: str) -> str:
+    """Lower-cased, whitespace-collapsed form used to find a query in two sets."""
+    return " ".join(text.lower().split())
+
+
+def check_disjoint(train: dict[str, list[str]], held_out: str | Path) -> None:
+    """Raise before any training when a held-out (evaluation) query is among the training queries.
+
+    Args:
+        train: {file name: query texts} of the training files.
+        held_out: the ``qid<TAB>query`` evaluation file.
+
+    Raises:
+        ValueError: names the training file, its count of held-out queries and one example qid.
+    """
+    dev = {normalize_query(t): qid for qid, t in read_tsv(held_out).items()}
+    for name, texts in train.items():
+        hits = [dev[k] for k in map(normalize_query, texts) if k in dev]
+        if hits:
+            raise ValueError(f"{name}: holds {len(hits)} queries of the evaluation set {held_out} "
+                             f"(e.g. qid {hits[0]}); remove them: evaluation queries are never trained on")
+
+
+def read_query_files(paths: list[str | Path], held_out: str | Path | None = None) -> list[str]:
+    """Every query of ``paths`` (each read by :func:`read_queries`), duplicates across and
+    within files dropped (first kept, compared by :func:`normalize_query`).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_queries`; and, when ``held_out`` is given,
+            as :func:`check_disjoint` when an evaluation query is among them.
+    """
+    per_file = {str(p): read_queries(p) for p in paths}
+    if held_out is not None:
+        check_disjoint(per_file, held_out)
+    seen, out = set(), []
+    for texts in per_file.values():
+        for t in texts:
+            k = normalize_query(t)
+            if k not in seen:
+                seen.add(k)
+                out.append(t)
+    return out

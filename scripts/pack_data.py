@@ -32,6 +32,20 @@ def main() -> None:
     with open(a.shared / "train-queries" / "msmarco.dev-subset.minus-eval.tsv", "rb") as fi, \
             gzip.open(tq / "msmarco.train.tsv.gz", "wb") as fo:
         shutil.copyfileobj(fi, fo)
+    # NQ / TriviaQA questions (DPR's question<TAB>[answers]): the questions only, as id<TAB>query
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from elastic.data import check_disjoint, read_queries
+
+    packed = {}
+    for name in ("nq.dev", "nq.test", "trivia.dev", "trivia.test"):
+        qs = read_queries(a.shared / "train-queries" / f"{name}.tsv")
+        packed[name] = qs
+        with gzip.GzipFile(tq / f"{name}.tsv.gz", "wb", mtime=0) as fo:
+            fo.write("".join(f"{name}-{i}\t{q}\n" for i, q in enumerate(qs, 1)).encode())
+        print(f"{name}.tsv.gz: {len(qs)} questions")
+    check_disjoint(packed, out / "queries.dev500.tsv")
     txt = a.out / "text"
     txt.mkdir(parents=True, exist_ok=True)
     for split in ("valid", "test"):

@@ -220,3 +220,62 @@ def test_cuda_asked_for_without_one_fails_with_the_field():
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="config train.device: 'cuda' asked for, but torch sees no CUDA device"):
         resolve_device("cuda")
+
+
+def test_query_distillation_bad_input_fails_before_training(tiny_dir, tiny_elastic, tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+    from training.query_distill import query_distill
+
+    cfg = RecipeConfig(run_dir=str(tmp_path / "run"))
+    cfg.prune.teacher, cfg.train.device = str(tiny_dir), "cpu"
+    cfg.data.collection = str(tmp_path / "col.tsv")
+    (tmp_path / "col.tsv").write_text("p1\ta bank is a financial institution\np2\thamlet is a tragedy\n")
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("7\twho wrote hamlet\n")
+    cfg.data.dev_queries = str(dev)
+    leak = tmp_path / "train.tsv"
+    leak.write_text("1\twhat is a bank\n2\tWho wrote Hamlet\n")
+    cfg.data.train_queries = [str(leak)]
+    with pytest.raises(ValueError, match=r"train.tsv: holds 1 queries of the evaluation set .*qid 7"):
+        query_distill(cfg, tiny_elastic, tmp_path / "out", tmp_path / "ck")
+    empty = tmp_path / "none.tsv"
+    empty.write_text("")
+    cfg.data.train_queries = [str(empty)]
+    with pytest.raises(ValueError, match="none.tsv: no rows"):
+        query_distill(cfg, tiny_elastic, tmp_path / "out", tmp_path / "ck")
+    cfg.data.train_queries = [str(leak.with_name("ok.tsv"))]
+    leak.with_name("ok.tsv").write_text("1\twhat is a bank\n")
+    with pytest.raises(ValueError, match="batch_size: 64 is more than the 1 training queries"):
+        query_distill(cfg, tiny_elastic, tmp_path / "out", tmp_path / "ck")
+    wide = make_tiny_checkpoint(tmp_path / "wide", hidden=48, heads=4)
+    with pytest.raises(ValueError, match="hidden size 48 differs from the teacher's 32"):
+        query_distill(cfg, wide, tmp_path / "out", tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match="nowhere: config.json is missing"):
+        query_distill(cfg, tmp_path / "nowhere", tmp_path / "out", tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()  # nothing was trained
+
+
+def test_query_distillation_lowers_every_sublm_loss(tiny_dir, tiny_elastic, tmp_path):
+    import json
+
+    from elastic.data import read_tsv
+    from tests.conftest import tiny_collection
+    from training.query_distill import query_distill
+
+    cfg = RecipeConfig(run_dir=str(tmp_path / "run"))
+    cfg.prune.teacher, cfg.train.device = str(tiny_dir), "cpu"
+    (tmp_path / "col.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in tiny_collection(200).items()))
+    cfg.data.collection = str(tmp_path / "col.tsv")
+    train = list(read_tsv("data/train-queries/msmarco.train.tsv.gz").items())[:64]
+    (tmp_path / "train.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in train))
+    cfg.data.train_queries = [str(tmp_path / "train.tsv")]
+    qd = cfg.query_distill
+    qd.steps, qd.batch_size, qd.lr, qd.candidates, qd.warmup = 30, 16, 1e-3, 8, 0.0
+    cfg.train.checkpoint_every, cfg.train.log_every = 15, 5
+    query_distill(cfg, tiny_elastic, tmp_path / "out", tmp_path / "ck")
+    log = [json.loads(x) for x in (tmp_path / "ck" / "train_log.jsonl").read_text().splitlines()]
+    first, last = log[0]["loss_per_level"], log[-1]["loss_per_level"]
+    assert set(first) == {"50", "30", "10"} and all(last[k] < first[k] for k in first), (first, last)
+    meta = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert meta["passage_side"] == "teacher" and meta["queries"] == 64
+    assert ElasticEncoder(tmp_path / "out").levels == [50, 30, 10]

@@ -1,6 +1,7 @@
 """The whole recipe on a tiny teacher (hidden 32, 4 heads, intermediate 37, 2 layers): prune ->
-distil -> fine-tune -> static baseline -> index -> offline evaluation -> .mar, each step through
-its public run(cfg). Checks what each writes, not the (meaningless) quality of a random model."""
+query distillation -> static baseline -> index -> offline evaluation -> .mar -> ablations
+(relation distillation and fine-tuning run there), each step through its public run(cfg).
+Checks what each writes, not the (meaningless) quality of a random model."""
 
 import json
 import zipfile
@@ -26,20 +27,20 @@ def tiny_run(tmp_path_factory, tiny_dir):
     first = next(iter(col))
     (root / "qrels.tsv").write_text("".join(f"{q} 0 {first} 1\n" for q in dev))
     cfg = RecipeConfig(run_dir=str(root / "run"))
-    d, p, ds, ft = cfg.data, cfg.prune, cfg.distill, cfg.finetune
-    d.collection, d.train_queries, d.dev_queries, d.qrels = (str(root / f) for f in
-                                                             ("collection.tsv", "train.tsv", "dev.tsv", "qrels.tsv"))
+    d, p, ds, ft, qd = cfg.data, cfg.prune, cfg.distill, cfg.finetune, cfg.query_distill
+    d.collection, d.dev_queries, d.qrels = (str(root / f) for f in ("collection.tsv", "dev.tsv", "qrels.tsv"))
+    d.train_queries = [str(root / "train.tsv")]
+    qd.steps, qd.batch_size, qd.candidates = 3, 8, 8
     p.teacher, p.levels, p.score_queries, p.batch_size = str(tiny_dir), [50, 30, 10], 16, 8
     ds.text, ds.steps, ds.batch_size, ds.max_length, ds.relation_heads = ["data/text/wikitext-2.valid.tokens.gz"], 3, 4, 32, 4
     ft.steps, ft.batch_size, ft.bm25_depth = 3, 4, 10
     cfg.static.levels = [30]
     cfg.train.device, cfg.train.checkpoint_every, cfg.train.log_every = "cpu", 2, 1
     cfg.encode.batch_size = 64
-    from training import build_index, distill, finetune, prune, static
+    from training import build_index, prune, static, train
 
     prune.run(cfg)
-    distill.run(cfg)
-    finetune.run(cfg)
+    train.run(cfg)
     static.run(cfg)
     build_index.run(cfg)
     return cfg
@@ -47,11 +48,12 @@ def tiny_run(tmp_path_factory, tiny_dir):
 
 def test_every_stage_writes_its_outputs(tiny_run):
     run = tiny_run.run
-    for d in ("pruned", "distilled", "elastic", "static/30/elastic"):
+    for d in ("pruned", "elastic", "static/30/elastic"):
         assert (run / d / "model.safetensors").exists() and (run / d / "submap.json").exists(), d
-    assert json.loads((run / "elastic" / "finetune.json").read_text())["passage_side"] == "largest"
-    assert json.loads((run / "index" / "index.json").read_text())["passage_encoder"] == "level 50% (the largest SubLM)"
-    log = [json.loads(x) for x in (run / "checkpoints" / "distill" / "train_log.jsonl").read_text().splitlines()]
+    assert not (run / "distilled").exists()  # relation distillation is off in the default recipe
+    assert json.loads((run / "elastic" / "finetune.json").read_text())["passage_side"] == "teacher"
+    assert json.loads((run / "index" / "index.json").read_text())["passage_encoder"] == "the teacher's passage embeddings"
+    log = [json.loads(x) for x in (run / "checkpoints" / "query_distill" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and set(log[0]) >= {"wall_s", "peak_mem_mib", "loss_per_level"}
     assert json.loads((run / "static" / "30" / "elastic" / "submap.json").read_text())["levels"].keys() == {"30"}
 
@@ -65,7 +67,8 @@ def test_offline_evaluation_rows(tiny_run, tmp_path):
     assert [(r["system"], r["level"]) for r in rows] == [("bm25", None), ("teacher", None), ("elastic", 50),
                                                           ("elastic", 30), ("elastic", 10), ("static", 30)]
     for r in rows:
-        assert all(0 <= r[m] <= 1 for m in ("mrr_at_10", "r_at_20", "r_at_100"))
+        assert all(0 <= r[m] <= 1 for m in ("mrr_at_10", "ndcg_at_10", "r_at_20", "r_at_100"))
+        assert r["cos_to_teacher"] is None if r["system"] == "bm25" else -1 <= r["cos_to_teacher"] <= 1.0001
         assert r["r_at_20"] <= r["r_at_100"] and r["latency_q_ms"] > 0
     el = [r for r in rows if r["system"] == "elastic"]
     assert el[0]["params"] > el[1]["params"] > el[2]["params"] and el[0]["gflops"] > el[2]["gflops"]
@@ -91,8 +94,13 @@ def test_ablation_trains_and_scores_each_variant(tiny_run):
     from benchmarks.ablation import run
 
     rows = run(tiny_run)
-    names = ["passages=teacher kd=on", "passages=teacher kd=off", "passages=largest kd=on"]
+    names = ["recipe, index=teacher", "recipe, index=largest", "scores=contrastive", "task=finetune",
+             "word embeddings=trained", "relations=on"]
     assert [(r["variant"], r["level"]) for r in rows] == [(n, lv) for n in names for lv in (50, 30, 10)]
-    teacher_side = tiny_run.run / "ablation" / "passages-teacher_kd-on"
-    assert json.loads((teacher_side / "finetune.json").read_text())["passage_side"] == "teacher"
-    assert (tiny_run.run / "eval" / "ablation.md").read_text().count("passages=teacher kd=off") == 3
+    ab = tiny_run.run / "ablation"
+    assert json.loads((ab / "task-finetune" / "elastic" / "finetune.json").read_text())["passage_side"] == "largest"
+    assert (ab / "relations-on" / "distilled" / "model.safetensors").exists()
+    # a different score objective prunes differently; the other variants share the recipe's pruned model
+    assert (ab / "scores-contrastive" / "pruned" / "scores.pt").read_bytes() != (tiny_run.run / "pruned" / "scores.pt").read_bytes()
+    assert (ab / "task-finetune" / "pruned" / "model.safetensors").samefile(tiny_run.run / "pruned" / "model.safetensors")
+    assert (tiny_run.run / "eval" / "ablation.md").read_text().count("| task=finetune |") == 3

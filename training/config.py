@@ -26,7 +26,11 @@ def _f(default, help: str):
 @dataclass
 class DataConfig:
     collection: str = _f("data/msmarco/collection.dev500.tsv.gz", "pid<TAB>passage collection (plain or .gz)")
-    train_queries: str = _f("data/train-queries/msmarco.train.tsv.gz", "unlabeled qid<TAB>query training queries")
+    train_queries: list = _f(["data/train-queries/msmarco.train.tsv.gz", "data/train-queries/nq.dev.tsv.gz",
+                              "data/train-queries/nq.test.tsv.gz", "data/train-queries/trivia.dev.tsv.gz",
+                              "data/train-queries/trivia.test.tsv.gz"],
+                             "unlabeled training query files (qid<TAB>query, or DPR's question<TAB>[answers]); "
+                             "a query of dev_queries among them is an error")
     dev_queries: str = _f("data/msmarco/queries.dev500.tsv", "qid<TAB>query evaluation queries")
     qrels: str = _f("data/msmarco/qrels.dev500.tsv", "TREC qrels for dev_queries")
 
@@ -38,6 +42,9 @@ class PruneConfig:
     score_queries: int = _f(512, "training queries whose loss gradients give the expressive scores")
     batch_size: int = _f(32, "query-passage pairs per batch for expressive scores")
     temperature: float = _f(0.05, "temperature of the in-batch contrastive loss (0.05 = scale 20, as the teacher was trained)")
+    score_objective: str = _f("query_distill", "loss whose sensitivity ranks heads and neurons: query_distill (the "
+                              "second-order change of the query-distillation loss, training/importance.py) or "
+                              "contrastive (|gradient| of the in-batch contrastive loss, the paper's eq. 3-5)")
     seed: int = _f(0, "random seed of the score-query sample")
 
 
@@ -53,6 +60,8 @@ class TrainConfig:
 class DistillConfig:
     """Task-agnostic elastic distillation (eq. 7-8, Algorithm 1); Table 3's first column, scaled."""
 
+    enabled: bool = _f(False, "run relation distillation between pruning and the task stage (off: the task stage "
+                       "starts from the pruned model; benchmarks/results/ablation.md measures both)")
     text: list = _f(["data/text/wikitext-2.valid.tokens.gz", "data/text/wikitext-2.test.tokens.gz"],
                     "unlabeled WikiText token files (paragraphs become examples)")
     use_collection: bool = _f(True, "add the passage collection to the unlabeled text")
@@ -84,6 +93,30 @@ class FinetuneConfig:
     passage_side: str = _f("largest", "largest: the largest SubLM encodes passages (paper Fig. 6); teacher: the frozen teacher does")
     kd_weight: float = _f(1.0, "weight of the KL to the teacher's similarity distribution (0 = off)")
     kd_temperature: float = _f(1.0, "distillation temperature of that KL (the loss is multiplied by its square)")
+    seed: int = _f(0, "random seed of batch sampling")
+
+
+@dataclass
+class QueryDistillConfig:
+    """Query-side elastic distillation to the fixed passage index (training/query_distill.py)."""
+
+    steps: int = _f(1000, "optimizer steps; each traverses every SubLM (Algorithm 1)")
+    batch_size: int = _f(64, "training queries per step (label-free)")
+    lr: float = _f(1e-4, "AdamW peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup: float = _f(0.05, "fraction of steps of linear warmup")
+    max_grad_norm: float = _f(5.0, "gradient clipping norm")
+    cos_weight: float = _f(1.0, "weight of 1 - cos(SubLM query embedding, teacher query embedding)")
+    kd_weight: float = _f(1.0, "weight of the listwise KL to the teacher's ranking of the candidates (0 = off)")
+    temperature: float = _f(0.05, "similarity temperature: logits = score / temperature (0.05 = the teacher's scale 20)")
+    kd_temperature: float = _f(1.0, "distillation temperature of the KL (the KL is multiplied by its square)")
+    candidates: int = _f(32, "the teacher's top-k passages per query in the index; the KL runs over the union of the "
+                         "batch's candidates")
+    freeze_word_embeddings: bool = _f(True, "keep the word-embedding table (11.7M of MiniLM-L6's 22.7M parameters) "
+                                      "as pruned: the optimizer's largest update per step, skipped (benchmarks/"
+                                      "results/train_throughput.md; ablation 'word embeddings=trained')")
+    length_window: int = _f(4, "a batch is drawn from a run of length_window x batch_size queries of similar token "
+                            "length (less padding); 0 = uniform over all queries")
     seed: int = _f(0, "random seed of batch sampling")
 
 
@@ -134,7 +167,11 @@ class RecipeConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    task_stage: str = _f("query_distill", "the task stage after pruning: query_distill (query side to the teacher's "
+                         "fixed index, training/query_distill.py) or finetune (eq. 9-10 on pseudo-labels, "
+                         "training/finetune.py)")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    query_distill: QueryDistillConfig = field(default_factory=QueryDistillConfig)
     static: StaticConfig = field(default_factory=StaticConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -143,6 +180,11 @@ class RecipeConfig:
     @property
     def run(self) -> Path:
         return Path(self.run_dir)
+
+    def task_init(self, root: Path | None = None) -> Path:
+        """The model directory the task stage starts from: ``distilled`` after relation
+        distillation, else ``pruned`` (under ``root``, default run_dir)."""
+        return (root or self.run) / ("distilled" if self.distill.enabled else "pruned")
 
 
 def _build(cls, raw: dict, where: str):
@@ -176,12 +218,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"config prune.levels: expected distinct integer percents in (0, 100], got {lv!r}")
     for name in ("prune.batch_size", "distill.batch_size", "distill.steps", "distill.max_length", "finetune.batch_size",
                  "finetune.steps", "finetune.bm25_depth", "serve.batch_size", "encode.batch_size",
-                 "train.checkpoint_every", "train.log_every"):
+                 "train.checkpoint_every", "train.log_every", "query_distill.steps", "query_distill.batch_size",
+                 "query_distill.candidates"):
         sec, key = name.split(".")
         if getattr(getattr(cfg, sec), key) < 1:
             raise ValueError(f"config {name}: must be >= 1")
     for name in ("distill.lr", "finetune.lr", "finetune.temperature", "finetune.kd_temperature", "distill.max_grad_norm",
-                 "finetune.max_grad_norm"):
+                 "finetune.max_grad_norm", "query_distill.lr", "query_distill.temperature", "query_distill.kd_temperature",
+             "query_distill.max_grad_norm"):
         sec, key = name.split(".")
         if not getattr(getattr(cfg, sec), key) > 0:
             raise ValueError(f"config {name}: must be > 0")
@@ -191,6 +235,20 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"config train.device: expected auto, cpu or cuda, got {cfg.train.device!r}")
     if not 0 <= cfg.finetune.hard_negatives < cfg.finetune.bm25_depth:
         raise ValueError("config finetune.hard_negatives: must be >= 0 and below finetune.bm25_depth")
+    if cfg.task_stage not in ("query_distill", "finetune"):
+        raise ValueError(f"config task_stage: expected 'query_distill' or 'finetune', got {cfg.task_stage!r}")
+    if cfg.prune.score_objective not in ("query_distill", "contrastive"):
+        raise ValueError(f"config prune.score_objective: expected 'query_distill' or 'contrastive', "
+                         f"got {cfg.prune.score_objective!r}")
+    qd = cfg.query_distill
+    if qd.cos_weight < 0 or qd.kd_weight < 0 or qd.cos_weight + qd.kd_weight == 0:
+        raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
+    if qd.length_window < 0:
+        raise ValueError("config query_distill.length_window: must be >= 0 (0 = uniform sampling)")
+    if not 0 <= qd.warmup < 1:
+        raise ValueError("config query_distill.warmup: a fraction of steps in [0, 1)")
+    if not cfg.data.train_queries or not all(isinstance(f, str) for f in cfg.data.train_queries):
+        raise ValueError(f"config data.train_queries: expected a non-empty list of file paths, got {cfg.data.train_queries!r}")
     if cfg.finetune.kd_weight < 0:
         raise ValueError("config finetune.kd_weight: must be >= 0 (0 = off)")
     if not 0 <= cfg.distill.warmup < 1 or not 0 <= cfg.finetune.warmup < 1:

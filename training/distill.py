@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from elastic.data import read_tsv, read_wikitext
+from elastic.data import read_query_files, read_tsv, read_wikitext
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.loop import LoopConfig, resolve_device, train_elastic
@@ -47,7 +47,7 @@ def unlabeled_text(cfg: RecipeConfig) -> list[str]:
     if dc.use_collection:
         texts += list(read_tsv(cfg.data.collection).values())
     if dc.use_train_queries:
-        texts += list(read_tsv(cfg.data.train_queries).values())
+        texts += read_query_files(cfg.data.train_queries, held_out=cfg.data.dev_queries)
     if not texts:
         raise ValueError("config distill.text: no unlabeled text (empty list and collection/queries off)")
     return texts

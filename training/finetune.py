@@ -2,7 +2,7 @@
 
     python -m training.finetune --config configs/full.yaml [--device cuda]
 
-Reads run_dir/distilled, writes run_dir/elastic (the model the archive packs) with
+Reads run_dir/distilled (run_dir/pruned when ``distill.enabled`` is false), writes run_dir/elastic (the model the archive packs) with
 ``finetune.json`` saying which encoder the index must use for passages.
 
 Data: the unlabeled training queries. Pseudo-label: each query's positive is the teacher's top-1
@@ -154,7 +154,7 @@ def passage_side_of(model_dir: Path) -> str:
 def run(cfg: RecipeConfig) -> None:
     t0 = time.time()
     out = cfg.run / "elastic"
-    finetune(cfg, cfg.run / "distilled", out, cfg.run / "checkpoints" / "finetune")
+    finetune(cfg, cfg.task_init(), out, cfg.run / "checkpoints" / "finetune")
     print(f"[finetune] wrote {out} (passage side: {cfg.finetune.passage_side}) in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -1,9 +1,28 @@
 """Expressive scores of heads and FFN neurons (paper eq. 3-5, Molchanov et al. 2019).
 
 Gates ξ (one per head) and ν (one per neuron) are held at 1 and multiply each head's output and
-each GELU output; |∂L/∂gate| accumulated over batches is the first-order Taylor estimate of the
-loss change when that unit is removed (eq. 6). Scores are ℓ2-normalized per layer so that
-layers compare; heads and neurons are ranked separately (their scores are not comparable).
+each GELU output. Two scores, chosen by ``prune.score_objective``:
+
+- ``contrastive`` (the paper's eq. 3-6): |∂L/∂gate| of the in-batch contrastive loss on (query,
+  pseudo-positive) pairs, accumulated over batches: the first-order Taylor estimate of the loss
+  change when that unit is removed.
+- ``query_distill`` (:func:`distill_scores`): the objective that query distillation optimises
+  (training/query_distill.py) is zero, with zero gradient, at the teacher itself, so its first
+  order says nothing. Its second order does: removing a unit (Δgate = -1) changes the loss by
+  about ½·H_uu. Both terms' Hessians at the optimum have a squared-gradient form, estimated
+  without a Hessian:
+  - the listwise KL: its Hessian is the Fisher information of the teacher's candidate
+    distribution, E_{c~p}[(∂ log p(c|q)/∂gate)²] (Kwon et al. 2022 prune Transformers with the
+    same diagonal Fisher of mask variables); one c is sampled per query;
+  - 1 - cos(s, t): near s = t its Hessian with respect to the unit-norm embedding is the
+    projector I - t tᵀ, so ½·H_uu = ½·E_r[(rᵀ ∂s/∂gate)²] with r ~ N(0, I - t tᵀ).
+  One backward pass per batch of ``√w_cos · rᵀs + √w_kd · τ_kd · log p(c|q)`` summed over queries:
+  every cross term (between the two parts and between queries) has zero mean (r is zero-mean;
+  the score function has zero mean under p), so the squared gate gradients estimate the
+  weighted sum of both diagonals.
+
+Scores are ℓ2-normalized per layer so that layers compare; heads and neurons are ranked
+separately (their scores are not comparable).
 """
 
 from __future__ import annotations
@@ -53,6 +72,62 @@ def expressive_scores(
         gx = torch.autograd.grad(loss, xi + nu)  # gradients w.r.t. the gates only
         hs += torch.stack([g.abs() for g in gx[:L]])
         ns += torch.stack([g.abs() for g in gx[L:]])
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("expressive scores need at least one batch")
+    hs = hs / hs.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    ns = ns / ns.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return hs, ns
+
+
+def distill_scores(
+    enc: ElasticEncoder,
+    batches: Iterable[tuple[list[str], torch.Tensor]],
+    passages: torch.Tensor,
+    query_max_length: int,
+    temperature: float,
+    cos_weight: float,
+    kd_weight: float,
+    kd_temperature: float,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second-order expressive scores of the query-distillation objective (module docstring).
+
+    Args:
+        enc: the unpruned teacher (its own outputs are the distillation targets).
+        batches: (query texts, (B, k) int64 rows of ``passages``: each query's teacher top-k).
+        passages: (N, d) the fixed index's passage embeddings.
+        temperature, cos_weight, kd_weight, kd_temperature: as in ``config.QueryDistillConfig``.
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+
+    Raises:
+        ValueError: ``enc`` is already pruned, or ``batches`` is empty.
+    """
+    layout = enc.model.layout
+    if layout != enc.dims.full():
+        raise ValueError("expressive scores are computed on the unpruned teacher")
+    L = enc.dims.num_hidden_layers
+    xi = [torch.ones(h, requires_grad=True) for h in layout.heads]
+    nu = [torch.ones(n, requires_grad=True) for n in layout.neurons]
+    hs = torch.zeros(L, enc.dims.num_attention_heads)
+    ns = torch.zeros(L, enc.dims.intermediate_size)
+    g = torch.Generator().manual_seed(seed)
+    n_batches = 0
+    for queries, top in batches:
+        s = enc.embed(enc.tokenize(queries, query_max_length), enc.levels[0], head_gates=xi, neuron_gates=nu)  # (B, d)
+        t = s.detach()
+        t_unit = torch.nn.functional.normalize(t, dim=-1)
+        r = torch.randn(t.shape, generator=g)
+        r = r - (r * t_unit).sum(-1, keepdim=True) * t_unit  # (B, d) ~ N(0, I - t tᵀ)
+        P = passages[top]  # (B, k, d)
+        logp = torch.log_softmax(torch.einsum("bd,bkd->bk", s, P) / temperature / kd_temperature, dim=-1)  # (B, k)
+        c = torch.multinomial(logp.detach().exp(), 1, generator=g)  # (B, 1) sampled from the teacher's p
+        obj = cos_weight**0.5 * (r * s).sum() + kd_weight**0.5 * kd_temperature * logp.gather(1, c).sum()
+        gx = torch.autograd.grad(obj, xi + nu)
+        hs += torch.stack([x.pow(2) for x in gx[:L]])
+        ns += torch.stack([x.pow(2) for x in gx[L:]])
         n_batches += 1
     if n_batches == 0:
         raise ValueError("expressive scores need at least one batch")

@@ -18,7 +18,8 @@ from elastic.encoder import ElasticEncoder
 from elastic.structure import SubLM, permute, prune
 from elastic.submap import Submap
 from training.config import RecipeConfig, config_cli, teacher_path
-from training.importance import contrastive_loss, expressive_scores, level_widths
+from training.importance import contrastive_loss, distill_scores, expressive_scores, level_widths
+from training.query_distill import teacher_candidates
 from training.teacher import teacher_side
 
 
@@ -58,18 +59,26 @@ def run(cfg: RecipeConfig) -> None:
     rng = random.Random(cfg.prune.seed)
     idx = rng.sample(range(len(side.train_queries)), min(cfg.prune.score_queries, len(side.train_queries)))
     bs = cfg.prune.batch_size
-    batches = [
-        ([side.train_queries[i] for i in idx[s:s + bs]], [side.texts[side.positives[i]] for i in idx[s:s + bs]])
-        for s in range(0, len(idx), bs)
-    ]
-    hs, ns = expressive_scores(
-        teacher, batches, lambda q, p: contrastive_loss(q, p, cfg.prune.temperature),
-        cfg.encode.query_max_length, cfg.encode.passage_max_length,
-    )
+    if cfg.prune.score_objective == "contrastive":
+        batches = [
+            ([side.train_queries[i] for i in idx[s:s + bs]], [side.texts[side.positives[i]] for i in idx[s:s + bs]])
+            for s in range(0, len(idx), bs)
+        ]
+        hs, ns = expressive_scores(
+            teacher, batches, lambda q, p: contrastive_loss(q, p, cfg.prune.temperature),
+            cfg.encode.query_max_length, cfg.encode.passage_max_length,
+        )
+    else:
+        qd = cfg.query_distill
+        top = teacher_candidates(side, qd.candidates, cfg.run / "teacher" / f"top{qd.candidates}.pt")
+        batches = [([side.train_queries[i] for i in idx[s:s + bs]], top[idx[s:s + bs]]) for s in range(0, len(idx), bs)]
+        hs, ns = distill_scores(teacher, batches, side.passages, cfg.encode.query_max_length, qd.temperature,
+                                qd.cos_weight, qd.kd_weight, qd.kd_temperature, cfg.prune.seed)
     out = cfg.run / "pruned"
     submap = export_pruned(teacher, hs, ns, cfg.prune.levels, out)
     for p, s in submap.levels.items():
         print(f"[prune] level {p:>3}%: heads/layer {list(s.heads)} neurons/layer {list(s.neurons)}")
+    print(f"[prune] expressive scores: {cfg.prune.score_objective} objective over {len(idx)} queries")
     print(f"[prune] wrote {out} in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -3,10 +3,11 @@
     python -m training.static --config configs/full.yaml [--device cuda]
 
 For every level p of ``static.levels`` (default: all): the SubLM p of run_dir/pruned is cut
-out physically (``elastic.structure.prune``) into a one-level model, then distilled and
-fine-tuned with the same recipe and the same number of optimizer steps as the elastic model;
-the only difference is that each step traverses one SubLM instead of all of them. Writes
-run_dir/static/<p>/{pruned,distilled,elastic}.
+out physically (``elastic.structure.prune``) into a one-level model, then trained by the same
+stages as the elastic model (relation distillation when ``distill.enabled``, then the
+``task_stage``) with the same recipe and the same number of optimizer steps; the only
+difference is that each step traverses one SubLM instead of all of them. Writes
+run_dir/static/<p>/{pruned,[distilled,]elastic}.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from elastic.submap import Submap
 from training.config import RecipeConfig, config_cli
 from training.distill import distill
 from training.finetune import finetune
+from training.query_distill import query_distill
 
 
 def cut_level(src: Path, level: int, out: Path) -> None:
@@ -33,6 +35,16 @@ def cut_level(src: Path, level: int, out: Path) -> None:
     enc.save(out, prune(enc.model, sub), Submap({level: sub}, enc.submap.pooling, enc.submap.normalize))
 
 
+def train_task(cfg: RecipeConfig, root: Path, desc: str) -> None:
+    """The stages after pruning, for the model under ``root`` (run_dir, or a static level's
+    directory): [relation distillation: pruned -> distilled], then the task stage into
+    ``root``/elastic; checkpoints under ``root``/checkpoints."""
+    if cfg.distill.enabled:
+        distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill", f"{desc}distill")
+    stage = query_distill if cfg.task_stage == "query_distill" else finetune
+    stage(cfg, cfg.task_init(root), root / "elastic", root / "checkpoints" / cfg.task_stage, f"{desc}{cfg.task_stage}")
+
+
 def static_levels(cfg: RecipeConfig) -> list[int]:
     return sorted(cfg.static.levels or cfg.prune.levels, reverse=True)
 
@@ -42,8 +54,7 @@ def run(cfg: RecipeConfig) -> None:
         t0 = time.time()
         root = cfg.run / "static" / str(level)
         cut_level(cfg.run / "pruned", level, root / "pruned")
-        distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill", f"static {level}% distill")
-        finetune(cfg, root / "distilled", root / "elastic", root / "checkpoints" / "finetune", f"static {level}% finetune")
+        train_task(cfg, root, f"static {level}% ")
         print(f"[static] level {level}% trained alone into {root / 'elastic'} in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -1,6 +1,8 @@
 """The teacher's side of the recipe, computed once per run and cached under run_dir/teacher/:
-its passage embeddings of the collection (teacher baseline, index of passage side "teacher", distillation targets) and the
-pseudo-labels of the unlabeled training queries.
+its passage embeddings of the collection (teacher baseline, index of passage side "teacher", distillation targets),
+its embeddings of the unlabeled training queries (targets of query-side distillation) and their
+pseudo-labels. The training queries are every file of ``data.train_queries``, deduplicated; an
+evaluation query (``data.dev_queries``) among them fails here, before any training.
 
 Pseudo-label: the teacher's top-1 passage in the collection for each training query. The
 training queries have no qrels; the teacher's own choice is what a student distilled from it
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from elastic.data import read_tsv
+from elastic.data import read_query_files, read_tsv
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, teacher_path
 
@@ -26,25 +28,45 @@ class TeacherSide:
     passages: torch.Tensor  # (N, d) teacher passage embeddings
     train_queries: list[str]  # query texts
     positives: list[int]  # row in ``pids`` of each training query's teacher top-1 passage
+    queries: torch.Tensor  # (Q, d) teacher embeddings of ``train_queries``
 
 
 def teacher_side(cfg: RecipeConfig, teacher: ElasticEncoder | None = None) -> TeacherSide:
-    """Load the cache, or encode the collection and training queries with the teacher."""
-    cache = cfg.run / "teacher" / "teacher_side.pt"
+    """Load the caches, or encode the collection and the training queries with the teacher.
+
+    Passages and queries are cached apart (run_dir/teacher/passages.pt, queries.pt), each under
+    a key of its inputs, so that a new query file does not re-encode the collection.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing, empty or malformed data file (named), or an
+            evaluation query among the training queries.
+    """
     collection = read_tsv(cfg.data.collection)
-    queries = read_tsv(cfg.data.train_queries)
-    key = (str(Path(cfg.data.collection).resolve()), str(teacher_path(cfg).resolve()), len(collection), len(queries))
-    if cache.exists():
-        obj = torch.load(cache)
-        if obj["key"] == key:
-            return TeacherSide(obj["pids"], list(collection.values()), obj["passages"], obj["train_queries"],
-                               obj["positives"])
-    teacher = teacher or ElasticEncoder(teacher_path(cfg))
-    pids = list(collection)
-    P = teacher.encode(list(collection.values()), 100, cfg.encode.passage_max_length, cfg.encode.batch_size, progress=True)
-    qtexts = list(queries.values())
-    Q = teacher.encode(qtexts, 100, cfg.encode.query_max_length, 256)
-    positives = (Q @ P.T).argmax(1).tolist()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "pids": pids, "passages": P, "train_queries": qtexts, "positives": positives}, cache)
-    return TeacherSide(pids, list(collection.values()), P, qtexts, positives)
+    qtexts = read_query_files(cfg.data.train_queries, held_out=cfg.data.dev_queries)
+    root = cfg.run / "teacher"
+    tkey = str(teacher_path(cfg).resolve())
+    pkey = [str(Path(cfg.data.collection).resolve()), tkey, len(collection), cfg.encode.passage_max_length]
+    qkey = [[str(Path(f).resolve()) for f in cfg.data.train_queries], tkey, len(qtexts), cfg.encode.query_max_length]
+
+    def cached(name: str, key: list, compute):
+        f = root / name
+        if f.exists():
+            obj = torch.load(f)
+            if obj["key"] == key:
+                return obj["value"]
+        value = compute()
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "value": value}, f.with_suffix(".tmp"))
+        f.with_suffix(".tmp").replace(f)
+        return value
+
+    def enc() -> ElasticEncoder:
+        nonlocal teacher
+        teacher = teacher or ElasticEncoder(teacher_path(cfg))
+        return teacher
+
+    P = cached("passages.pt", pkey, lambda: enc().encode(list(collection.values()), 100, cfg.encode.passage_max_length,
+                                                         cfg.encode.batch_size, progress=True))
+    Q = cached("queries.pt", qkey, lambda: enc().encode(qtexts, 100, cfg.encode.query_max_length, 256, progress=True))
+    positives = torch.cat([(q @ P.T).argmax(1) for q in Q.split(4096)]).tolist()
+    return TeacherSide(list(collection), list(collection.values()), P, qtexts, positives, Q)

@@ -1,0 +1,88 @@
+"""Throughput of one query-distillation step (every SubLM forward + backward, AdamW) on this
+machine, against batch size and torch threads:
+
+    python -m benchmarks.train_throughput --config configs/full.yaml --batch-sizes 32 64 128 --threads 1 2
+
+The model is run_dir/pruned (run ``python -m training.prune`` first), the teacher side comes from
+its cache. Each setting runs ``--warmup`` untimed steps and then ``--steps`` timed ones on
+random training queries; prints and writes run_dir/eval/train_throughput.{json,md} with steps/s
+and queries/s (training queries through all K SubLMs per second). Also compares two ways of
+filling a batch: uniform sampling and the recipe's ``query_distill.length_window`` (queries of
+similar token length together, less padding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from benchmarks.evaluate import to_markdown
+from elastic.encoder import ElasticEncoder
+from training.config import load_config, teacher_path
+from training.query_distill import QueryDistillObjective, batch_sampler, teacher_candidates
+from training.teacher import teacher_side
+
+
+def measure(obj: QueryDistillObjective, model: torch.nn.Module, levels: list[int], batches: list[list[int]],
+            warmup: int) -> float:
+    """Median seconds of one optimizer step over ``batches`` (after ``warmup`` of them)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    times = []
+    for i, b in enumerate(batches):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        prep = obj.prepare(b)
+        for level in levels:
+            (obj.loss(b, prep, level) / len(levels)).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Steps/s of query distillation against batch size and threads.")
+    ap.add_argument("--config", default="configs/full.yaml")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    a = ap.parse_args()
+    cfg = load_config(a.config)
+    side = teacher_side(cfg)
+    top = teacher_candidates(side, cfg.query_distill.candidates, cfg.run / "teacher" / f"top{cfg.query_distill.candidates}.pt")
+    student = ElasticEncoder(cfg.run / "pruned")
+    student.model.train()
+    student.model.embeddings.word_embeddings.weight.requires_grad_(not cfg.query_distill.freeze_word_embeddings)
+    obj = QueryDistillObjective(student, side, top, cfg, torch.device("cpu"))
+    tok_len = [len(x) for x in student.tokenizer(side.train_queries, truncation=True,
+                                                 max_length=cfg.encode.query_max_length)["input_ids"]]
+    rows = []
+    for threads in a.threads:
+        torch.set_num_threads(threads)
+        for bs in a.batch_sizes:
+            n = a.steps + a.warmup
+            for window in (0, cfg.query_distill.length_window):
+                name = "uniform" if window == 0 else f"length window {window}"
+                sample = batch_sampler(tok_len, bs, window)
+                batches = [sample(random.Random(i)) for i in range(n)]
+                sec = measure(obj, student.model, student.levels, batches, a.warmup)
+                rows.append({"threads": threads, "batch_size": bs, "sampling": name, "step_s": round(sec, 3),
+                             "steps_per_s": round(1 / sec, 3), "queries_per_s": round(bs / sec, 1)})
+                print(rows[-1], flush=True)
+    out = cfg.run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.json").write_text(json.dumps(rows, indent=1) + "\n")
+    md = (f"Query distillation, {len(student.levels)} SubLMs per step, teacher {teacher_path(cfg).name}; median of "
+          f"{a.steps} steps after {a.warmup} warm-up.\n\n" + to_markdown(rows, list(rows[0])))
+    (out / "train_throughput.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
