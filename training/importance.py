@@ -42,17 +42,18 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> to
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
 
 
-def expressive_scores(
+def _gate_scores(
     enc: ElasticEncoder,
-    batches: Iterable[tuple[list[str], list[str]]],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    query_max_length: int,
-    passage_max_length: int,
+    batches: Iterable,
+    objective: Callable[[object, Callable[[list[str], int], torch.Tensor]], torch.Tensor],
+    transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate |∂L/∂ξ| and |∂L/∂ν| over (queries, positive passages) batches.
+    """Σ over batches of transform(∂objective/∂gate) for every head gate ξ and neuron gate ν,
+    ℓ2-normalized per layer (eq. 5). ``objective(batch, emb)`` gets ``emb(texts, max_length)``,
+    the (B, d) embeddings of the gated teacher, and returns a scalar.
 
-    Returns:
-        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+    Raises:
+        ValueError: ``enc`` is already pruned, or ``batches`` is empty.
     """
     layout = enc.model.layout
     if layout != enc.dims.full():
@@ -63,21 +64,42 @@ def expressive_scores(
     hs = torch.zeros(L, enc.dims.num_attention_heads)
     ns = torch.zeros(L, enc.dims.intermediate_size)
 
-    def emb(texts, max_len):
+    def emb(texts: list[str], max_len: int) -> torch.Tensor:
         return enc.embed(enc.tokenize(texts, max_len), enc.levels[0], head_gates=xi, neuron_gates=nu)
 
     n_batches = 0
-    for queries, passages in batches:
-        loss = loss_fn(emb(queries, query_max_length), emb(passages, passage_max_length))
-        gx = torch.autograd.grad(loss, xi + nu)  # gradients w.r.t. the gates only
-        hs += torch.stack([g.abs() for g in gx[:L]])
-        ns += torch.stack([g.abs() for g in gx[L:]])
+    for batch in batches:
+        gx = torch.autograd.grad(objective(batch, emb), xi + nu)  # gradients w.r.t. the gates only
+        hs += torch.stack([transform(g) for g in gx[:L]])
+        ns += torch.stack([transform(g) for g in gx[L:]])
         n_batches += 1
     if n_batches == 0:
         raise ValueError("expressive scores need at least one batch")
     hs = hs / hs.norm(dim=1, keepdim=True).clamp(min=1e-12)
     ns = ns / ns.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return hs, ns
+
+
+def expressive_scores(
+    enc: ElasticEncoder,
+    batches: Iterable[tuple[list[str], list[str]]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    query_max_length: int,
+    passage_max_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate |∂L/∂ξ| and |∂L/∂ν| over (queries, positive passages) batches (eq. 3-6).
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+
+    Raises:
+        ValueError: ``enc`` is already pruned, or ``batches`` is empty.
+    """
+    def objective(batch, emb):
+        queries, passages = batch
+        return loss_fn(emb(queries, query_max_length), emb(passages, passage_max_length))
+
+    return _gate_scores(enc, batches, objective, torch.abs)
 
 
 def distill_scores(
@@ -98,6 +120,7 @@ def distill_scores(
         batches: (query texts, (B, k) int64 rows of ``passages``: each query's teacher top-k).
         passages: (N, d) the fixed index's passage embeddings.
         temperature, cos_weight, kd_weight, kd_temperature: as in ``config.QueryDistillConfig``.
+        seed: of the random directions r and the sampled candidates c.
 
     Returns:
         head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
@@ -105,35 +128,20 @@ def distill_scores(
     Raises:
         ValueError: ``enc`` is already pruned, or ``batches`` is empty.
     """
-    layout = enc.model.layout
-    if layout != enc.dims.full():
-        raise ValueError("expressive scores are computed on the unpruned teacher")
-    L = enc.dims.num_hidden_layers
-    xi = [torch.ones(h, requires_grad=True) for h in layout.heads]
-    nu = [torch.ones(n, requires_grad=True) for n in layout.neurons]
-    hs = torch.zeros(L, enc.dims.num_attention_heads)
-    ns = torch.zeros(L, enc.dims.intermediate_size)
     g = torch.Generator().manual_seed(seed)
-    n_batches = 0
-    for queries, top in batches:
-        s = enc.embed(enc.tokenize(queries, query_max_length), enc.levels[0], head_gates=xi, neuron_gates=nu)  # (B, d)
-        t = s.detach()
-        t_unit = torch.nn.functional.normalize(t, dim=-1)
-        r = torch.randn(t.shape, generator=g)
+
+    def objective(batch, emb):
+        queries, top = batch
+        s = emb(queries, query_max_length)  # (B, d)
+        t_unit = torch.nn.functional.normalize(s.detach(), dim=-1)
+        r = torch.randn(s.shape, generator=g)
         r = r - (r * t_unit).sum(-1, keepdim=True) * t_unit  # (B, d) ~ N(0, I - t tᵀ)
         P = passages[top]  # (B, k, d)
         logp = torch.log_softmax(torch.einsum("bd,bkd->bk", s, P) / temperature / kd_temperature, dim=-1)  # (B, k)
         c = torch.multinomial(logp.detach().exp(), 1, generator=g)  # (B, 1) sampled from the teacher's p
-        obj = cos_weight**0.5 * (r * s).sum() + kd_weight**0.5 * kd_temperature * logp.gather(1, c).sum()
-        gx = torch.autograd.grad(obj, xi + nu)
-        hs += torch.stack([x.pow(2) for x in gx[:L]])
-        ns += torch.stack([x.pow(2) for x in gx[L:]])
-        n_batches += 1
-    if n_batches == 0:
-        raise ValueError("expressive scores need at least one batch")
-    hs = hs / hs.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    ns = ns / ns.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return hs, ns
+        return cos_weight**0.5 * (r * s).sum() + kd_weight**0.5 * kd_temperature * logp.gather(1, c).sum()
+
+    return _gate_scores(enc, batches, objective, torch.square)
 
 
 def level_widths(scores: torch.Tensor, fraction: float) -> list[int]:
