@@ -274,6 +274,7 @@ class ElasticRetriever:
 
     HISTORY = 32  # recent batches kept for age and arrival-rate estimates
     RATE_MIN_SPAN_S = 0.25
+    RATE_WINDOW_S = 1.0  # seconds of batches that count for λ
 
     def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                  max_batch_delay_ms: float = 0.0):
@@ -379,13 +380,16 @@ class ElasticRetriever:
         return ages
 
     def _arrival_rate(self, now: float, n: int) -> float:
-        """λ in requests per second: the requests of the recent batches (this one included) over
-        the time since the oldest of them started, that time taken as at least RATE_MIN_SPAN_S
-        (a few requests close together after a quiet spell are not a rush); 0 before any batch."""
-        if not self.history:
-            return 0.0
-        span = max(now - self.history[0][0], self.RATE_MIN_SPAN_S)
-        return (sum(b for _, _, b in self.history) + n) / span
+        """λ in requests per second: the requests of the recent batches that started within the
+        last RATE_WINDOW_S (this one included) over the time since the oldest of them started,
+        that time taken as at least RATE_MIN_SPAN_S (a few requests close together after a quiet
+        spell are not a rush). Batches older than the window do not count, so a rush that has
+        passed stops holding the level down; 0 before any batch."""
+        recent = [(t, b) for t, _, b in self.history if now - t <= self.RATE_WINDOW_S]
+        if not recent:
+            return 0.0 if not self.history else n / self.RATE_WINDOW_S
+        span = max(now - recent[0][0], self.RATE_MIN_SPAN_S)
+        return (sum(b for _, b in recent) + n) / span
 
     def handle_batch(self, bodies: list[Any], request_starts: list[str | None] | None = None) -> list[Result]:
         """Answer every request of a batch; a bad one gets a 400 Result, a shed one a 503 with

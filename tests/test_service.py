@@ -226,3 +226,19 @@ def test_overhead_is_learned_only_from_gaps_with_waiting_requests(retriever):
     retriever.handle_batch([{"query": "d"}])  # the gap is overhead
     assert retriever.overhead_ms > 0.0
     retriever.overhead_ms = 0.0
+
+
+def test_arrival_rate_counts_only_the_last_second(retriever):
+    r = retriever
+    saved = list(r.history)
+    try:
+        r.history.clear()
+        assert r._arrival_rate(100.0, 1) == 0.0  # no batch yet
+        for i in range(20):  # a rush: 20 batches of 8 over the half second before t = 100
+            r.history.append((99.5 + i * 0.025, 0, 8))
+        assert r._arrival_rate(100.0, 8) == pytest.approx((160 + 8) / 0.5)
+        # 1.5 s later the rush is out of the window: a lone request is not a rush
+        assert r._arrival_rate(101.5, 1) == pytest.approx(1.0)
+    finally:
+        r.history.clear()
+        r.history.extend(saved)
