@@ -31,7 +31,7 @@ from pathlib import Path
 
 from training import prune
 from training.config import RecipeConfig, load_config
-from training.static import train_task
+from training.train import train_task
 
 
 def variants(cfg: RecipeConfig) -> dict[str, RecipeConfig]:

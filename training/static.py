@@ -19,9 +19,7 @@ from elastic.encoder import ElasticEncoder
 from elastic.structure import prune
 from elastic.submap import Submap
 from training.config import RecipeConfig, config_cli
-from training.distill import distill
-from training.finetune import finetune
-from training.query_distill import query_distill
+from training.train import train_task
 
 
 def cut_level(src: Path, level: int, out: Path) -> None:
@@ -33,16 +31,6 @@ def cut_level(src: Path, level: int, out: Path) -> None:
     enc = ElasticEncoder(src)
     sub = enc.sublm(level)
     enc.save(out, prune(enc.model, sub), Submap({level: sub}, enc.submap.pooling, enc.submap.normalize))
-
-
-def train_task(cfg: RecipeConfig, root: Path, desc: str) -> None:
-    """The stages after pruning, for the model under ``root`` (run_dir, or a static level's
-    directory): [relation distillation: pruned -> distilled], then the task stage into
-    ``root``/elastic; checkpoints under ``root``/checkpoints."""
-    if cfg.distill.enabled:
-        distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill", f"{desc}distill")
-    stage = query_distill if cfg.task_stage == "query_distill" else finetune
-    stage(cfg, cfg.task_init(root), root / "elastic", root / "checkpoints" / cfg.task_stage, f"{desc}{cfg.task_stage}")
 
 
 def static_levels(cfg: RecipeConfig) -> list[int]:

@@ -11,8 +11,22 @@ from __future__ import annotations
 
 import time
 
+from pathlib import Path
+
 from training.config import RecipeConfig, config_cli
-from training.static import train_task
+from training.distill import distill
+from training.finetune import finetune
+from training.query_distill import query_distill
+
+
+def train_task(cfg: RecipeConfig, root: Path, desc: str) -> None:
+    """The stages after pruning, for the model under ``root`` (run_dir, or a static level's
+    directory): [relation distillation: pruned -> distilled], then the task stage into
+    ``root``/elastic; checkpoints under ``root``/checkpoints."""
+    if cfg.distill.enabled:
+        distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill", f"{desc}distill")
+    stage = query_distill if cfg.task_stage == "query_distill" else finetune
+    stage(cfg, cfg.task_init(root), root / "elastic", root / "checkpoints" / cfg.task_stage, f"{desc}{cfg.task_stage}")
 
 
 def run(cfg: RecipeConfig) -> None:
