@@ -72,7 +72,7 @@ def train_variants(cfg: RecipeConfig, steps: int | None = None) -> dict[str, Pat
         if steps is not None:
             v.query_distill.steps = v.finetune.steps = v.distill.steps = steps
         _share_teacher_cache(cfg.run, root)
-        if v.prune.score_objective == cfg.prune.score_objective and v.prune == cfg.prune:
+        if v.prune == cfg.prune:
             if not (root / "pruned" / "model.safetensors").exists():
                 os.makedirs(root / "pruned", exist_ok=True)
                 for f in (cfg.run / "pruned").iterdir():

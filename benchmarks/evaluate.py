@@ -58,6 +58,13 @@ class EvalData:
     pids: list[str]
     ptexts: list[str]
     collection: str
+    teacher_queries: torch.Tensor | None = None  # (Q, d) the teacher's embeddings of qtexts, filled once
+
+    def teacher_query_embeddings(self, cfg: RecipeConfig, teacher: ElasticEncoder) -> torch.Tensor:
+        """(Q, d) the teacher's embeddings of the queries, encoded on first use and kept."""
+        if self.teacher_queries is None:
+            self.teacher_queries = teacher.encode(self.qtexts, 100, cfg.encode.query_max_length, 128)
+        return self.teacher_queries
 
     @classmethod
     def load(cls, cfg: RecipeConfig, queries: str, qrels: str, collection: str) -> "EvalData":
@@ -133,7 +140,7 @@ def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str
         P = passage_embeddings(cfg, data, t_enc, 100)
     index = flat_index(P)
     same_space = t_enc.dims.hidden_size == enc.dims.hidden_size
-    tq = t_enc.encode(data.qtexts, 100, cfg.encode.query_max_length, 128) if same_space else None
+    tq = data.teacher_query_embeddings(cfg, t_enc) if same_space else None
     rows = []
     for level in enc.levels:
         sub = enc.sublm(level)
