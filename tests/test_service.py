@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from elastic.schedule import Calibration, LatencyCorrection
 from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, parse_query
 
 
@@ -128,15 +129,22 @@ def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
         retriever.settings = HandlerSettings(latency_constraint_ms=T, query_max_length=16)
 
 
-def test_age_lowers_the_level(retriever):
+def test_age_lowers_the_level(retriever, monkeypatch):
     T = retriever.settings.latency_constraint_ms
-    t50, t10 = retriever.calibration.t(50, 1), retriever.calibration.t(10, 1)
-    retriever.correction.value = retriever.correction.mean = 1.0
-    retriever.overhead_ms = 0.0
-    # room for the smallest level only: T - age lies between t_10 and t_50 (o is 0 here)
-    age = T - (t10 + t50) / 2
-    out = retriever.handle_batch([{"query": "old but in time"}], [now_header(age)])
-    assert out[0].status == 200 and out[0].payload["level"] < 50
+    # processing times far apart (a tiny model's t_50 and t_10 differ by a fraction of a ms, which
+    # a busy machine spends between the header and the decision), so the check does not hang on
+    # the clock: t_10 = 10% of T, t_30 = 30%, t_50 = 50%
+    cal = Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
+    monkeypatch.setattr(retriever, "calibration", cal)
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))  # c = c̄ = 1 throughout
+    monkeypatch.setattr(retriever, "overhead_ms", 0.0)
+    monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)  # no utilization bound: age alone decides
+    # room for the smallest level only: T - age = 20% of T lies between t_10 and t_30
+    out = retriever.handle_batch([{"query": "old but in time"}], [now_header(0.8 * T)])
+    assert out[0].status == 200 and out[0].payload["level"] == 10
+    # room for 30 but not 50
+    out = retriever.handle_batch([{"query": "old but in time"}], [now_header(0.6 * T)])
+    assert out[0].status == 200 and out[0].payload["level"] == 30
 
 
 @pytest.mark.parametrize("value", ["soon", "t=abc", f"t={time.time() + 3600:.3f}", f"t={time.time() - 3 * 3600:.3f}",
