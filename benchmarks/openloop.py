@@ -11,7 +11,8 @@ client, with enough connections that no send waits for a free one. Each request 
 latency is timed from that scheduled send. The user stops the run once the last request is
 answered or ``--drain-s`` has passed. Every scheduled request becomes one line of --raw-out:
 scheduled_s (since the measured window began, negative during warm-up), latency_ms, status
-(0 = no answer), retry_after (header value or null), level, queue_size, qid, pids.
+(0 = no answer), retry_after (header value or null), level, queue_size, qid, pids, and wait_ms,
+model_ms and handler_ms from the answer's Server-Timing header (null when absent).
 benchmarks/slo.py runs this under taskset on a core of its own.
 """
 
@@ -28,6 +29,7 @@ from gevent.pool import Group
 from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, for elastic/
+from benchmarks.report import server_timing  # noqa: E402
 from elastic.data import read_tsv  # noqa: E402
 
 RECORDS: list[dict] = []
@@ -69,6 +71,7 @@ class OpenLoopUser(FastHttpUser):
                 rec["latency_ms"] = round((time.time() - send_epoch) * 1000, 3)
                 rec["status"] = resp.status_code or 0
                 rec["retry_after"] = resp.headers.get("Retry-After") if resp.headers else None
+                rec.update(server_timing(resp.headers.get("Server-Timing") if resp.headers else None))
                 if resp.status_code == 200:
                     try:
                         body = resp.json()
@@ -98,7 +101,8 @@ class OpenLoopUser(FastHttpUser):
                 gevent.sleep(delay)
             qid, text = rng.choice(queries)
             rec = {"scheduled_s": round(t - window, 6), "latency_ms": None, "status": 0, "retry_after": None,
-                   "level": None, "queue_size": None, "qid": qid, "pids": []}
+                   "level": None, "queue_size": None, "qid": qid, "pids": [], "wait_ms": None, "model_ms": None,
+                   "handler_ms": None}
             RECORDS.append(rec)
             group.spawn(self._send, rec, t, text, not o.no_start_header)
             t += rng.expovariate(o.rate)

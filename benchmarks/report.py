@@ -25,6 +25,24 @@ from elastic.metrics import rr_at_10_per_query
 COLUMNS = ["timestamp_s", "latency_ms", "status", "level", "queue_size", "qid", "rr_at_10"]
 
 
+def server_timing(value: str | None) -> dict:
+    """{"wait_ms", "model_ms", "handler_ms"} from a ``Server-Timing: wait;dur=W, model;dur=X,
+    handler;dur=Y`` header (W3C Server Timing; other metrics ignored), each None when absent or
+    not a number."""
+    out = {"wait_ms": None, "model_ms": None, "handler_ms": None}
+    for metric in (value or "").split(","):
+        name, _, params = metric.strip().partition(";")
+        key = {"wait": "wait_ms", "model": "model_ms", "handler": "handler_ms"}.get(name.strip())
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if key and k == "dur":
+                try:
+                    out[key] = float(v)
+                except ValueError:
+                    pass
+    return out
+
+
 def with_rr(records: list[dict], qrels: dict[str, dict[str, int]]) -> list[dict]:
     """Each record plus ``rr_at_10`` (ir-measures RR@10 of its own ranking; None without qrels)."""
     run = {str(i): {pid: 10.0 - r for r, pid in enumerate(rec["pids"])}

@@ -253,6 +253,22 @@ class Result:
     headers: dict = field(default_factory=dict)
 
 
+def flat_ip_vectors(index) -> torch.Tensor | None:
+    """The (N, d) float32 vectors of an exact inner-product FAISS index (IndexFlatIP), else None.
+
+    Why: below 20 queries (faiss ``distance_compute_blas_threshold``) IndexFlatIP.search scans
+    the whole index once per query, so a batch of 8 reads the N x d matrix 8 times; one sgemm
+    (``q @ V.T``, then ``torch.topk``) reads it once. Measured on the demo index (9,844 x 384,
+    one thread, ``python -m benchmarks.search_cost``): FAISS 0.63 / 4.85 / 9.9 ms per batch of
+    1 / 8 / 16 against 0.66 / 1.97 / 2.2 ms (benchmarks/results/search.md). Other index types (IVF, HNSW, PQ) keep FAISS's own search.
+    """
+    import faiss
+
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    return torch.from_numpy(index.reconstruct_n(0, index.ntotal))  # (N, d) float32, a copy
+
+
 class ElasticRetriever:
     """ElasticDenser behind one worker: the elastic query encoder, the FAISS index of passages
     encoded by the largest SubLM, calibrated t_k per level and batch size, and the schedule's
@@ -301,6 +317,7 @@ class ElasticRetriever:
         if self.index.d != self.encoder.dims.hidden_size:
             raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
                              f"{self.encoder.dims.hidden_size}")
+        self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
         self.calibration = self.calibrate()
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
         self.correction = LatencyCorrection()  # c: observed / predicted processing time
@@ -347,6 +364,9 @@ class ElasticRetriever:
         batch = self.encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         with torch.inference_mode():
             q = self.encoder.embed(batch, level)
+            if self._vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
+                top = torch.topk(q @ self._vectors.T, min(self.settings.top_k, self._vectors.shape[0]), dim=1)
+                return top.values.numpy(), top.indices.numpy()
         return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
@@ -400,7 +420,10 @@ class ElasticRetriever:
             request_starts: per request, the value of the request-start header, or None.
 
         Each good answer: {"results": [{"pid", "score"} x top_k], "level": k in percent,
-        "queue_size": g seen when the level was chosen}.
+        "queue_size": g seen when the level was chosen}, with a ``Server-Timing`` header
+        ``wait;dur=<ms>, model;dur=<ms>, handler;dur=<ms>`` (W3C Server Timing, milliseconds): the
+        request's age when the batch began (from its start header, else estimated), the batch's
+        encode + search, and the handler up to the answer.
         """
         start, now_epoch = time.perf_counter(), time.time()
         self._observe_gap(start)
@@ -445,10 +468,17 @@ class ElasticRetriever:
             if keep:
                 t0 = time.perf_counter()
                 scores, idx = self._search([ids[k] for k in keep], plan.level)
-                self.correction.observe(self.calibration.t(plan.level, len(keep)), (time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                model_ms = (t1 - t0) * 1000
+                self.correction.observe(self.calibration.t(plan.level, len(keep)), model_ms)
+                # W3C Server-Timing: the request's age when its batch began (the schedule's input),
+                # what the batch spent in the model (encode + search) and in the whole handler so
+                # far, so a client can tell waiting, the model and the serving stack apart
+                timing = f"model;dur={model_ms:.3f}, handler;dur={(t1 - start) * 1000:.3f}"
                 for k, srow, irow in zip(keep, scores, idx):
                     hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
-                    results[where[k]] = Result(200, {"results": hits, "level": plan.level, "queue_size": g})
+                    results[where[k]] = Result(200, {"results": hits, "level": plan.level, "queue_size": g},
+                                               {"Server-Timing": f"wait;dur={ages[k]:.3f}, {timing}"})
                 self.counters["served"] += len(keep)
         self.counters["batches"] += 1
         self.history.append((start, g, n))

@@ -59,8 +59,9 @@ def test_serves_real_queries_at_the_largest_level_when_idle(server):
     assert cal["latency_constraint_ms"] == 15.0 and cal["levels"] == [50, 30, 10] and cal["max_batch"] == 4
     polls = cal["queue_polls"]
     for _ in range(5):  # one at a time: partly filled batches, g = 0 without asking the frontend
-        status, body, _ = _post(url, json.dumps({"query": "what is the capital of france"}).encode())
+        status, body, headers = _post(url, json.dumps({"query": "what is the capital of france"}).encode())
         assert status == 200 and body["level"] == 50 and body["queue_size"] == 0
+        assert headers.get("Server-Timing", "").startswith("wait;dur=")  # passed through by the frontend
         assert len(body["results"]) == 10 and all(set(h) == {"pid", "score"} for h in body["results"])
     assert ts.describe("elastic")["queue_polls"] == polls
 

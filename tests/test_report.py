@@ -29,3 +29,37 @@ def test_requests_csv_and_summary(tmp_path):
     assert summary["ramp_up"]["level_share"] == {"50": 0.5, "20": 0.5}
     assert summary["peak"]["level_share"] == {"20": 1.0}
     assert (tmp_path / "out" / "timeline.png").stat().st_size > 10_000
+
+
+def test_server_timing_header_parsing():
+    from benchmarks.report import server_timing
+
+    none = {"wait_ms": None, "model_ms": None, "handler_ms": None}
+    assert server_timing("wait;dur=0.5, model;dur=1.5, handler;dur=2.25") == {"wait_ms": 0.5, "model_ms": 1.5,
+                                                                              "handler_ms": 2.25}
+    assert server_timing('cache;desc="hit", model;dur=3') == {**none, "model_ms": 3.0}
+    assert server_timing("model;dur=fast") == none
+    assert server_timing(None) == none
+
+
+def test_overhead_rows_subtract_the_model_time_and_divide_by_noop():
+    import pytest
+
+    from benchmarks.overhead import ROW_KEYS, add_ratios, summarize
+    from benchmarks.slo import Server
+
+    def rec(s, lat, model, status=200):
+        return {"scheduled_s": s, "latency_ms": lat, "status": status, "level": 5, "model_ms": model,
+                "wait_ms": None if model is None else 3.0, "handler_ms": None if model is None else model + 0.5}
+
+    noop = summarize([rec(-1.0, 99.0, None)] + [rec(i / 10, 4.0, None) for i in range(10)], 10.0, Server("noop"), 20.0)
+    static = summarize([rec(i / 10, 10.0, 4.0) for i in range(10)] + [rec(0.5, 1.0, None, 503)], 10.0,
+                       Server("static", 5, 50.0), 20.0)
+    assert noop["requests"] == 10 and noop["outside_p50_ms"] == 4.0  # the warm-up record is left out
+    assert static["requests"] == 11 and static["ok"] == 10 and static["outside_p99_ms"] == 6.0
+    assert static["wait_p50_ms"] == 3.0 and static["after_p99_ms"] == 2.5 and noop["wait_p50_ms"] is None
+    rows = [noop, static]
+    add_ratios(rows)
+    assert tuple(static) == ROW_KEYS and static["ratio_p50"] == 1.5 and noop["ratio_p50"] == 1.0
+    with pytest.raises(ValueError, match="static5-T50: 1 of 1 answers have no Server-Timing model;dur"):
+        summarize([rec(0.0, 10.0, None)], 10.0, Server("static", 5, 50.0), 20.0)

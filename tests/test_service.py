@@ -79,6 +79,12 @@ def test_bad_request_does_not_fail_its_batch(retriever):
     assert len(out[0].payload["results"]) == 10 and out[0].payload["level"] == 50
     scores = [h["score"] for h in out[0].payload["results"]]
     assert scores == sorted(scores, reverse=True)
+    # Server-Timing: the batch's model time within the handler's time, on good answers only
+    import re
+    m = re.fullmatch(r"wait;dur=([0-9.]+), model;dur=([0-9.]+), handler;dur=([0-9.]+)", out[0].headers["Server-Timing"])
+    assert m and float(m[1]) >= 0 and 0 < float(m[2]) <= float(m[3])
+    assert out[3].headers["Server-Timing"].endswith(out[0].headers["Server-Timing"].split(", ", 1)[1])  # one batch
+    assert "Server-Timing" not in out[1].headers
 
 
 def test_answers_equal_direct_search_at_that_level(retriever):
@@ -214,9 +220,12 @@ def test_handler_over_mock_context(tiny_elastic):
         assert ctx.statuses == {1: (400, "query is empty")} and out[1] == {"error": "query is empty"}
         assert h.describe_handle()["batch_sizes"] == [1, 2]
         # the start header, whatever its case: an old request is shed with Retry-After
-        ctx.statuses, ctx.headers_in = {}, {0: {"x-request-start": now_header(2000)}, 1: {"X-Request-Start": now_header()}}
+        assert set(ctx.headers_out) == {0} and ctx.headers_out[0]["Server-Timing"].startswith("wait;dur=")
+        ctx.statuses, ctx.headers_out = {}, {}
+        ctx.headers_in = {0: {"x-request-start": now_header(2000)}, 1: {"X-Request-Start": now_header()}}
         out = h.handle([{"body": {"query": "old"}}, {"body": {"query": "new"}}], ctx)
-        assert ctx.statuses[0][0] == 503 and ctx.headers_out == {0: {"Retry-After": "1"}} and out[1]["level"] == 50
+        assert ctx.statuses[0][0] == 503 and ctx.headers_out[0] == {"Retry-After": "1"} and out[1]["level"] == 50
+        assert set(ctx.headers_out[1]) == {"Server-Timing"}
     finally:
         h.poller.stop()
     with pytest.raises(ValueError, match="handler.latency_constraint_ms: must be a positive number"):
@@ -250,3 +259,26 @@ def test_arrival_rate_counts_only_the_last_second(retriever):
     finally:
         r.history.clear()
         r.history.extend(saved)
+
+
+def test_sgemm_search_equals_faiss_flat_ip_and_other_indexes_keep_faiss():
+    import faiss
+    import numpy as np
+    import torch
+
+    from elastic.service import flat_ip_vectors
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((301, 37)).astype(np.float32)
+    q = rng.standard_normal((8, 37)).astype(np.float32)
+    ip = faiss.IndexFlatIP(37)
+    ip.add(x)
+    v = flat_ip_vectors(ip)
+    assert v.shape == (301, 37)
+    top = torch.topk(torch.from_numpy(q) @ v.T, 10, dim=1)
+    d_ref, i_ref = ip.search(q, 10)
+    assert np.array_equal(top.indices.numpy(), i_ref)
+    assert np.allclose(top.values.numpy(), d_ref, atol=1e-5)
+    l2 = faiss.IndexFlatL2(37)
+    l2.add(x)
+    assert flat_ip_vectors(l2) is None  # L2 distances are not inner products: FAISS searches
