@@ -33,7 +33,7 @@ the measured p99 at 1.2-2.6 T:
 2. The calibrated t_k was measured on an idle worker. Under load the frontend shares the core and
    the machine is noisy, so the schedule multiplies t_k by corrections learned online from
    observed / predicted batch time (``LatencyCorrection``): the batch at hand's own deadline uses
-   a high quantile c of that ratio (its tail), and everything that adds up over many batches
+   a high quantile c of that ratio (its tail; handler.deadline_quantile), and everything that adds up over many batches
    (shedding, the queue bound, utilization) uses its mean c̄. A tail applied to every future
    batch would shed requests that the worker can serve.
 

@@ -50,6 +50,10 @@ class HandlerSettings:
             on the same serving stack. Empty = elastic.
         max_utilization: ρ_max of the deadline rule: at the arrival rate the worker sees, the
             chosen SubLM may fill at most this share of its time (headroom for bursts).
+        deadline_quantile: the quantile of observed / predicted processing time (c, over the
+            last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher budgets
+            for more of the tail, but a rush's slow batches then hold the level down for longer
+            after it (0.99 is about the largest ratio of the window).
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
@@ -67,6 +71,7 @@ class HandlerSettings:
     late_requests: str = "shed"
     pin_level: Optional[int] = None
     max_utilization: float = 0.7
+    deadline_quantile: float = 0.9
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
     request_start_max_age_ms: float = 60_000.0
@@ -118,6 +123,8 @@ class HandlerSettings:
             raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
         if not 0 < s.max_utilization <= 1:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
+        if not 0 < s.deadline_quantile <= 1:
+            raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
         if not s.request_start_max_age_ms > 0:
             raise ValueError(f"handler.request_start_max_age_ms: must be > 0, got {s.request_start_max_age_ms}")
         if not s.request_start_header.strip():
@@ -320,7 +327,7 @@ class ElasticRetriever:
         self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
         self.calibration = self.calibrate()
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
-        self.correction = LatencyCorrection()  # c: observed / predicted processing time
+        self.correction = LatencyCorrection(quantile=settings.deadline_quantile)  # c: observed / predicted time
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}

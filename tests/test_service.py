@@ -53,6 +53,7 @@ def test_settings_validation_names_the_field():
     ("pin_level", "big", "handler.pin_level: expected Optional\\[int\\], got 'big'"),
     ("retry_after_s", 0, "handler.retry_after_s: must be >= 1, got 0"),
     ("request_start_max_age_ms", -1, "handler.request_start_max_age_ms: must be > 0"),
+    ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg):
