@@ -269,6 +269,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the points at and past each server's capacity")
     ap.add_argument("--repeat-T", type=float, nargs="+", default=[50.0], help="constraints whose capacity is repeated")
     ap.add_argument("--queries", help="qid<TAB>query file (default: data.dev_queries)")
+    ap.add_argument("--worker-nice", type=int, default=0, help="handler.worker_nice of every model server")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
     a = ap.parse_args()
@@ -293,7 +294,8 @@ def main() -> None:
         if "static" in a.servers:
             specs += [Server("static", lv, T) for lv in a.static_levels]
         for spec in specs:
-            model_variant(base, store, spec.name, spec.handler_settings())
+            extra = {"worker_nice": a.worker_nice} if a.worker_nice else {}
+            model_variant(base, store, spec.name, {**spec.handler_settings(), **extra})
             rows += sweep(cfg, spec, spec.name, store, work, a, qrels, [T])
             (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")  # partial results survive a stop
     (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")

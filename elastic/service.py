@@ -63,6 +63,10 @@ class HandlerSettings:
         query_max_length: longest query in tokens ([CLS] and [SEP] included); longer -> 400.
         top_k: passages returned per query.
         torch_threads: intra-op threads of this worker.
+        worker_nice: added to this worker process's nice value at load (os.nice), in [-20, 19].
+            The frontend shares the worker's core; a negative value lets a batch in progress
+            run ahead of it. Raising priority needs CAP_SYS_NICE: without it the load fails,
+            naming this field. 0 leaves the process as TorchServe started it.
         calibration_repeats: timed runs per (level, batch size) when calibrating t_k.
     """
 
@@ -79,6 +83,7 @@ class HandlerSettings:
     query_max_length: int = 32
     top_k: int = 10
     torch_threads: int = 1
+    worker_nice: int = 0
     calibration_repeats: int = 30
 
     @classmethod
@@ -123,6 +128,8 @@ class HandlerSettings:
             raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
         if not 0 < s.max_utilization <= 1:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
+        if not -20 <= s.worker_nice <= 19:
+            raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
             raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
         if not s.request_start_max_age_ms > 0:
@@ -308,6 +315,12 @@ class ElasticRetriever:
         self.max_batch = max_batch
         self.max_batch_delay_ms = max_batch_delay_ms
         self.queue = queue if queue is not None else FixedQueue(0)
+        if settings.worker_nice:
+            try:
+                os.nice(settings.worker_nice)
+            except OSError as e:
+                raise ValueError(f"handler.worker_nice: {settings.worker_nice} needs CAP_SYS_NICE ({e}); set it to 0 "
+                                 "or grant the capability") from None
         torch.set_num_threads(settings.torch_threads)
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d)

@@ -63,3 +63,21 @@ def test_overhead_rows_subtract_the_model_time_and_divide_by_noop():
     assert tuple(static) == ROW_KEYS and static["ratio_p50"] == 1.5 and noop["ratio_p50"] == 1.0
     with pytest.raises(ValueError, match="static5-T50: 1 of 1 answers have no Server-Timing model;dur"):
         summarize([rec(0.0, 10.0, None)], 10.0, Server("static", 5, 50.0), 20.0)
+
+
+def test_rush_rows_count_late_and_shed_requests_as_zero(tmp_path):
+    from benchmarks.rush import phase_row, read_requests
+
+    path = tmp_path / "requests.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerow([0.1, 10.0, 200, 50, 0, "q1", 1.0])   # in time, rank 1
+        w.writerow([0.2, 80.0, 200, 50, 3, "q2", 0.5])   # late: counts 0 in effective MRR
+        w.writerow([0.3, 1.0, 503, "", "", "q3", ""])    # shed
+        w.writerow([0.4, 12.0, 200, 5, 0, "unjudged", ""])  # no qrels: not in MRR
+    rows = read_requests(path, {"q1", "q2", "q3"})
+    r = phase_row(rows, 50.0)
+    assert (r["requests"], r["ok"], r["shed"]) == (4, 3, 1)
+    assert r["within_T"] == 0.5 and r["mrr_at_10"] == 0.75
+    assert r["effective_mrr_at_10"] == round(1.0 / 3, 4) and r["mean_level"] == 35.0

@@ -53,6 +53,7 @@ def test_settings_validation_names_the_field():
     ("pin_level", "big", "handler.pin_level: expected Optional\\[int\\], got 'big'"),
     ("retry_after_s", 0, "handler.retry_after_s: must be >= 1, got 0"),
     ("request_start_max_age_ms", -1, "handler.request_start_max_age_ms: must be > 0"),
+    ("worker_nice", -21, r"handler.worker_nice: must be in \[-20, 19\], got -21"),
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
@@ -283,3 +284,14 @@ def test_sgemm_search_equals_faiss_flat_ip_and_other_indexes_keep_faiss():
     l2 = faiss.IndexFlatL2(37)
     l2.add(x)
     assert flat_ip_vectors(l2) is None  # L2 distances are not inner products: FAISS searches
+
+
+def test_worker_nice_without_the_capability_fails_the_load_naming_the_field(tiny_elastic, monkeypatch):
+    import os
+
+    def refuse(inc):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "nice", refuse)
+    with pytest.raises(ValueError, match=r"handler.worker_nice: -5 needs CAP_SYS_NICE"):
+        ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=50.0, worker_nice=-5, calibration_repeats=1))
