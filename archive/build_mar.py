@@ -43,6 +43,7 @@ def model_config(serve: ServeConfig, query_max_length: int) -> dict:
             "query_max_length": query_max_length,
             "top_k": serve.top_k,
             "torch_threads": serve.torch_threads,
+            "worker_nice": serve.worker_nice,
         },
     }
 

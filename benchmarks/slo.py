@@ -3,6 +3,7 @@
     python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 25 50 100 200 300 400 500]
         [--servers elastic elastic-paper static noop] [--static-levels 50 30 20 10 5]
         [--duration-s 30] [--warmup-s 5] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
+        [--worker-nice -10] [--handler max_utilization=0.9 ...]
 
 Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_batch_delay_ms):
 - elastic: the deadline rule with shedding (the default handler settings);
@@ -254,6 +255,16 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
         plt.close(fig)
 
 
+def handler_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value parsed as YAML); the handler validates it at load, naming the field."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Open-loop SLO benchmark of elastic, paper-rule, static and no-op servers.")
     ap.add_argument("--config", help="recipe YAML (the model is its run_dir/elastic and run_dir/index)")
@@ -269,10 +280,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the points at and past each server's capacity")
     ap.add_argument("--repeat-T", type=float, nargs="+", default=[50.0], help="constraints whose capacity is repeated")
     ap.add_argument("--queries", help="qid<TAB>query file (default: data.dev_queries)")
-    ap.add_argument("--worker-nice", type=int, default=0, help="handler.worker_nice of every model server")
+    ap.add_argument("--worker-nice", type=int, help="handler.worker_nice of every model server (default: serve.worker_nice)")
+    ap.add_argument("--handler", nargs="+", type=handler_setting, default=[], metavar="KEY=VALUE",
+                    help="extra handler settings of every model server, e.g. max_utilization=0.9 (elastic/service.py)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
     a = ap.parse_args()
+    a.handler = dict(a.handler)
     if sorted(a.rates) != list(a.rates) or min(a.rates) <= 0:
         raise SystemExit("--rates: expected positive rates in ascending order")
     if min(a.T) <= 0 or a.duration_s <= 0 or a.warmup_s < 0 or a.repeats < 1:
@@ -294,7 +308,8 @@ def main() -> None:
         if "static" in a.servers:
             specs += [Server("static", lv, T) for lv in a.static_levels]
         for spec in specs:
-            extra = {"worker_nice": a.worker_nice} if a.worker_nice else {}
+            extra = {"worker_nice": a.worker_nice} if a.worker_nice is not None else {}
+            extra.update(a.handler)
             model_variant(base, store, spec.name, {**spec.handler_settings(), **extra})
             rows += sweep(cfg, spec, spec.name, store, work, a, qrels, [T])
             (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")  # partial results survive a stop

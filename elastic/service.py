@@ -268,7 +268,8 @@ class Result:
 
 
 def flat_ip_vectors(index) -> torch.Tensor | None:
-    """The (N, d) float32 vectors of an exact inner-product FAISS index (IndexFlatIP), else None.
+    """The (N, d) float32 vectors of an exact inner-product FAISS index (IndexFlatIP), as a
+    view of the index's memory, else None.
 
     Why: below 20 queries (faiss ``distance_compute_blas_threshold``) IndexFlatIP.search scans
     the whole index once per query, so a batch of 8 reads the N x d matrix 8 times; one sgemm
@@ -278,9 +279,12 @@ def flat_ip_vectors(index) -> torch.Tensor | None:
     """
     import faiss
 
-    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT or not index.ntotal:
         return None
-    return torch.from_numpy(index.reconstruct_n(0, index.ntotal))  # (N, d) float32, a copy
+    # a view of the index's own storage (no second copy of the N x d matrix): valid while
+    # ``index`` lives, which the caller keeps
+    xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+    return torch.from_numpy(xb).view(index.ntotal, index.d)  # (N, d) float32
 
 
 class ElasticRetriever:

@@ -104,6 +104,7 @@ CONFIG_ERRORS = [
     ("serve:\n  latency_constraint_ms: -3\n", "serve.latency_constraint_ms: must be a positive number"),
     ("serve:\n  schedule: greedy\n", "serve.schedule: expected one of \\['deadline', 'paper'\\], got 'greedy'"),
     ("serve:\n  late_requests: drop\n", "serve.late_requests: expected one of \\['shed', 'serve'\\]"),
+    ("serve:\n  worker_nice: -30\n", "serve.worker_nice: must be in \\[-20, 19\\], got -30"),
     ("serve:\n  max_batch_delay_ms: -1\n", "serve.max_batch_delay_ms: must be >= 0"),
     ("distill:\n  stepz: 3\n", "config distill.stepz: unknown field"),
     ("finetune:\n  steps: many\n", "config finetune.steps: expected int, got 'many'"),

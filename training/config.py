@@ -144,6 +144,8 @@ class ServeConfig:
     max_batch_delay_ms: int = _f(2, "TorchServe maxBatchDelay in milliseconds (chosen by benchmarks/batching.py)")
     top_k: int = _f(10, "passages returned per query")
     torch_threads: int = _f(1, "intra-op threads of the worker")
+    worker_nice: int = _f(0, "added to the worker's nice value at load, in [-20, 19]; negative lets a batch in progress "
+                          "run ahead of the frontend on a shared core, and needs CAP_SYS_NICE (benchmarks/results/slo_nice/slo.md)")
     management_port: int = _f(8081, "management API port on 127.0.0.1")
     inference_port: int = _f(8080, "inference API port on 127.0.0.1")
     metrics_port: int = _f(8082, "metrics API port on 127.0.0.1")
@@ -261,6 +263,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"config serve.schedule: expected one of {list(RULES)}, got {cfg.serve.schedule!r}")
     if cfg.serve.late_requests not in LATE_POLICIES:
         raise ValueError(f"config serve.late_requests: expected one of {list(LATE_POLICIES)}, got {cfg.serve.late_requests!r}")
+    if not -20 <= cfg.serve.worker_nice <= 19:
+        raise ValueError(f"config serve.worker_nice: must be in [-20, 19], got {cfg.serve.worker_nice}")
     if cfg.serve.max_batch_delay_ms < 0:
         raise ValueError("config serve.max_batch_delay_ms: must be >= 0")
     if cfg.load.min_wait_s > cfg.load.max_wait_s:
