@@ -1,5 +1,6 @@
 """ElasticDenser serving core, independent of TorchServe: settings, request parsing, the queue
-poller, calibration of t_k, and the per-batch path (schedule -> encode -> FAISS search).
+poller, calibration of t_k, and the per-batch path (schedule -> encode -> exact search of the
+FAISS flat index, one sgemm per batch).
 
 handler/elastic_handler.py is a thin TorchServe adapter over ``ElasticRetriever``.
 """
@@ -275,7 +276,8 @@ def flat_ip_vectors(index) -> torch.Tensor | None:
     the whole index once per query, so a batch of 8 reads the N x d matrix 8 times; one sgemm
     (``q @ V.T``, then ``torch.topk``) reads it once. Measured on the demo index (9,844 x 384,
     one thread, ``python -m benchmarks.search_cost``): FAISS 0.63 / 4.85 / 9.9 ms per batch of
-    1 / 8 / 16 against 0.66 / 1.97 / 2.2 ms (benchmarks/results/search.md). Other index types (IVF, HNSW, PQ) keep FAISS's own search.
+    1 / 8 / 16 against 0.66 / 1.97 / 2.2 ms (benchmarks/results/search.md). Other index types
+    (IVF, HNSW, PQ) and an empty index keep FAISS's own search.
     """
     import faiss
 

@@ -98,12 +98,18 @@ def test_answers_equal_direct_search_at_that_level(retriever):
     assert [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in idx[0]]
 
 
-def test_level_follows_queue_size(retriever):
-    t50 = retriever.calibration.t(50, 4)
-    retriever.settings = HandlerSettings(latency_constraint_ms=t50 * 3, query_max_length=16)
+def test_level_follows_queue_size(retriever, monkeypatch):
+    # t_k, c and λ set here, so that g alone decides (a busy machine's clock and the module's
+    # learned correction do not): T = 1000 ms, t_50(1) = 100 ms, t_10(4) = 60 ms
+    cal = Calibration((1, 4), {50: (100.0, 300.0), 30: (60.0, 200.0), 10: (20.0, 60.0)})
+    monkeypatch.setattr(retriever, "calibration", cal)
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))
+    monkeypatch.setattr(retriever, "overhead_ms", 0.0)
+    monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
     try:
         retriever.queue.queue_size = 1000  # seen only after a full batch (4): g = 1000 - 4
         out = retriever.handle_batch([{"query": "cheap"}] * 4, [now_header()] * 4)
+        # 249 full batches behind this one: no level drains them within T, so the smallest serves
         assert [r.payload["level"] for r in out] == [10] * 4 and out[0].payload["queue_size"] == 996
         assert retriever.queue.polls >= 1  # a full batch asks for a fresh g
         polls = retriever.queue.polls
@@ -112,7 +118,6 @@ def test_level_follows_queue_size(retriever):
         assert out[0].payload["level"] == 50 and out[0].payload["queue_size"] == 0
         assert retriever.queue.queue_size == 0 and retriever.queue.polls == polls
     finally:
-        retriever.settings = HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16)
         retriever.queue.queue_size = 0
 
 
