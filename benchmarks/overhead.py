@@ -30,10 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from archive.build_mar import build_noop_mar
-from archive.build_mar import run as build_model
 from benchmarks.server import model_variant
-from benchmarks.slo import Server, run_rate, serving
+from benchmarks.slo import Server, prepare_store, run_rate, serving
 from training.config import load_config
 
 ROW_KEYS = ("server", "level", "rate_rps", "requests", "ok", "p50_ms", "p99_ms", "model_p50_ms", "outside_p50_ms",
@@ -118,10 +116,7 @@ def main() -> None:
         raise SystemExit("--rates, --duration-s and --T must be > 0")
     cfg = load_config(a.config)
     s = cfg.serve
-    work = (cfg.run / "overhead").resolve()
-    store = work / "store"
-    base = build_model(cfg, store, "no-archive")
-    build_noop_mar(store, s.batch_size, s.max_batch_delay_ms)
+    work, store, base = prepare_store(cfg, "overhead")
     queries = a.queries or cfg.data.dev_queries
     host = f"http://127.0.0.1:{s.inference_port}"
     specs = [Server("noop")] + [Server("static", lv, a.T) for lv in a.levels] + [Server("elastic", None, a.T)]

@@ -255,6 +255,17 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
         plt.close(fig)
 
 
+def prepare_store(cfg: RecipeConfig, name: str) -> tuple[Path, Path, Path]:
+    """(work, store, base): run_dir/<name> as the work folder, its model store with the recipe's
+    model as a no-archive directory ``base`` (variants are hard-linked copies, model_variant)
+    and the no-op model, both with the recipe's batching."""
+    work = (cfg.run / name).resolve()
+    store = work / "store"
+    base = build_model(cfg, store, "no-archive")
+    build_noop_mar(store, cfg.serve.batch_size, cfg.serve.max_batch_delay_ms)
+    return work, store, base
+
+
 def handler_setting(text: str) -> tuple[str, object]:
     """KEY=VALUE -> (key, value parsed as YAML); the handler validates it at load, naming the field."""
     import yaml
@@ -293,10 +304,7 @@ def main() -> None:
         raise SystemExit("--T, --duration-s must be > 0, --warmup-s >= 0, --repeats >= 1")
     cfg = load_config(a.config)
     s = cfg.serve
-    work = (cfg.run / "slo").resolve()
-    store = work / "store"
-    base = build_model(cfg, store, "no-archive")
-    build_noop_mar(store, s.batch_size, s.max_batch_delay_ms)
+    work, store, base = prepare_store(cfg, "slo")
     qrels = read_qrels(cfg.data.qrels)
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = json.loads((a.out / "slo.json").read_text()) if a.append and (a.out / "slo.json").exists() else []
