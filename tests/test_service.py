@@ -98,14 +98,21 @@ def test_answers_equal_direct_search_at_that_level(retriever):
     assert [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in idx[0]]
 
 
-def test_level_follows_queue_size(retriever, monkeypatch):
-    # t_k, c and λ set here, so that g alone decides (a busy machine's clock and the module's
-    # learned correction do not): T = 1000 ms, t_50(1) = 100 ms, t_10(4) = 60 ms
-    cal = Calibration((1, 4), {50: (100.0, 300.0), 30: (60.0, 200.0), 10: (20.0, 60.0)})
+def fix_schedule_inputs(monkeypatch, retriever, cal):
+    """For one test: t_k from ``cal``, c = c̄ = 1 throughout, o = 0 and no arrival rate (no
+    utilization bound), so the level depends only on what the test varies, not on the clock or
+    the module fixture's learned state."""
     monkeypatch.setattr(retriever, "calibration", cal)
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))
     monkeypatch.setattr(retriever, "overhead_ms", 0.0)
     monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
+
+
+def test_level_follows_queue_size(retriever, monkeypatch):
+    # t_k, c and λ set here, so that g alone decides (a busy machine's clock and the module's
+    # learned correction do not): T = 1000 ms, t_50(1) = 100 ms, t_10(4) = 60 ms
+    cal = Calibration((1, 4), {50: (100.0, 300.0), 30: (60.0, 200.0), 10: (20.0, 60.0)})
+    fix_schedule_inputs(monkeypatch, retriever, cal)
     try:
         retriever.queue.queue_size = 1000  # seen only after a full batch (4): g = 1000 - 4
         out = retriever.handle_batch([{"query": "cheap"}] * 4, [now_header()] * 4)
@@ -148,10 +155,7 @@ def test_age_lowers_the_level(retriever, monkeypatch):
     # a busy machine spends between the header and the decision), so the check does not hang on
     # the clock: t_10 = 10% of T, t_30 = 30%, t_50 = 50%
     cal = Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
-    monkeypatch.setattr(retriever, "calibration", cal)
-    monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))  # c = c̄ = 1 throughout
-    monkeypatch.setattr(retriever, "overhead_ms", 0.0)
-    monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)  # no utilization bound: age alone decides
+    fix_schedule_inputs(monkeypatch, retriever, cal)
     # room for the smallest level only: T - age = 20% of T lies between t_10 and t_30
     out = retriever.handle_batch([{"query": "old but in time"}], [now_header(0.8 * T)])
     assert out[0].status == 200 and out[0].payload["level"] == 10
