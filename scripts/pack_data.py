@@ -53,6 +53,21 @@ def main() -> None:
                 gzip.GzipFile(txt / f"wikitext-2.{split}.tokens.gz", "wb", mtime=0) as fo:
             shutil.copyfileobj(fi, fo)
     print(f"collection.dev500.tsv.gz: {n} passages")
+    pack_glue(a.shared / "glue", a.out / "glue")
+
+
+GLUE_FILES = ("SST-2.train.tsv", "SST-2.dev.tsv", "MRPC.train.tsv", "MRPC.dev.tsv", "STS-B.train.tsv",
+              "STS-B.dev.tsv", "RTE.train.tsv", "RTE.dev.tsv")
+
+
+def pack_glue(src: Path, out: Path) -> None:
+    """The four GLUE tasks that have a train set (byte-identical, gzip), and STS-B's licence."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in GLUE_FILES:
+        with open(src / f, "rb") as fi, gzip.GzipFile(out / f"{f}.gz", "wb", mtime=0) as fo:
+            shutil.copyfileobj(fi, fo)
+    shutil.copy(src / "STS-B.LICENSE.txt", out / "STS-B.LICENSE.txt")
+    print(f"glue: {len(GLUE_FILES)} files")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import yaml
 
 
 def _f(default, help: str):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -44,7 +44,9 @@ class PruneConfig:
     temperature: float = _f(0.05, "temperature of the in-batch contrastive loss (0.05 = scale 20, as the teacher was trained)")
     score_objective: str = _f("query_distill", "loss whose sensitivity ranks heads and neurons: query_distill (the "
                               "second-order change of the query-distillation loss, training/importance.py) or "
-                              "contrastive (|gradient| of the in-batch contrastive loss, the paper's eq. 3-5)")
+                              "contrastive (|gradient| of the in-batch contrastive loss, the paper's eq. 3-5) or "
+                              "relation (|gradient| of the relation-distillation loss on unlabeled text: task-agnostic, "
+                              "for GLUE; training/importance.relation_scores)")
     seed: int = _f(0, "random seed of the score-query sample")
 
 
@@ -163,6 +165,37 @@ class LoadConfig:
 
 
 @dataclass
+class GlueConfig:
+    """ElasticLM on GLUE (training/glue.py, benchmarks/glue.py); Table 3's GLUE column, scaled to 2 CPU cores."""
+
+    tasks: list = _f(["SST-2", "MRPC", "STS-B", "RTE"], "GLUE tasks to fine-tune and score (those with a train set here)")
+    data_dir: str = _f("data/glue", "directory of <task>.{train,dev}.tsv[.gz] files")
+    teachers: dict = _f({}, "task -> fine-tuned BERT classifier directory used as that task's teacher; a task not "
+                        "named here gets its teacher fine-tuned from prune.teacher")
+    max_train_examples: int = _f(8000, "a task with more training examples is subsampled uniformly (seeded) to this "
+                                 "many (SST-2's 60,614; 0 = all)")
+    teacher_epochs: float = _f(3.0, "passes over the training examples when fine-tuning a teacher")
+    teacher_lr: float = _f(1e-4, "AdamW peak learning rate of the teacher")
+    epochs: float = _f(2.0, "passes over the training examples for the elastic model and every static baseline "
+                       "(Table 3: 10 epochs on GPUs)")
+    batch_size: int = _f(32, "examples per step (Table 3: {16, 32})")
+    lr: float = _f(1e-4, "AdamW peak learning rate of elastic and static fine-tuning (Table 3: {1, 2, 3}e-5 for BERT-base "
+                   "over 10 epochs; a 6-layer, 384-wide model over 2 epochs takes a larger one)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (Table 3)")
+    warmup: float = _f(0.1, "fraction of steps of linear warmup (Table 3)")
+    max_grad_norm: float = _f(5.0, "gradient clipping norm (Table 3)")
+    dropout: float = _f(0.1, "dropout on the pooled output while training")
+    kd_weight: float = _f(0.5, "alpha: loss = (1 - alpha) * task loss + alpha * KD to the fine-tuned teacher (0 = no KD)")
+    kd_temperature: float = _f(2.0, "temperature of the KL between teacher and SubLM class distributions (the KL is "
+                               "multiplied by its square); STS-B's KD is the MSE to the teacher's score")
+    length_window: int = _f(4, "a batch is drawn from a run of length_window x batch_size examples of similar token "
+                            "length (less padding); 0 = uniform")
+    freeze_word_embeddings: bool = _f(True, "keep the word-embedding table as pretrained (the largest update per step)")
+    eval_batch_size: int = _f(64, "examples per batch when scoring dev sets")
+    seed: int = _f(0, "seed of subsampling, classifier initialisation and batch sampling")
+
+
+@dataclass
 class RecipeConfig:
     run_dir: str = _f("runs/demo", "where every step writes (git-ignored)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +211,7 @@ class RecipeConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
+    glue: GlueConfig = field(default_factory=GlueConfig)
 
     @property
     def run(self) -> Path:
@@ -239,9 +273,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config finetune.hard_negatives: must be >= 0 and below finetune.bm25_depth")
     if cfg.task_stage not in ("query_distill", "finetune"):
         raise ValueError(f"config task_stage: expected 'query_distill' or 'finetune', got {cfg.task_stage!r}")
-    if cfg.prune.score_objective not in ("query_distill", "contrastive"):
-        raise ValueError(f"config prune.score_objective: expected 'query_distill' or 'contrastive', "
+    if cfg.prune.score_objective not in ("query_distill", "contrastive", "relation"):
+        raise ValueError(f"config prune.score_objective: expected 'query_distill', 'contrastive' or 'relation', "
                          f"got {cfg.prune.score_objective!r}")
+    _validate_glue(cfg.glue)
     qd = cfg.query_distill
     if qd.cos_weight < 0 or qd.kd_weight < 0 or qd.cos_weight + qd.kd_weight == 0:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
@@ -270,6 +305,31 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if cfg.load.min_wait_s > cfg.load.max_wait_s:
         raise ValueError("config load.min_wait_s: larger than load.max_wait_s")
     return cfg
+
+
+def _validate_glue(g: GlueConfig) -> None:
+    from elastic.glue import TASKS
+
+    if not g.tasks or len(set(g.tasks)) != len(g.tasks):
+        raise ValueError(f"config glue.tasks: expected distinct task names, got {g.tasks!r}")
+    for t in list(g.tasks) + list(g.teachers):
+        if t not in TASKS:
+            raise ValueError(f"config glue.tasks: {t!r} is not one of {list(TASKS)} (QNLI has no train set here; "
+                             "QQP and MNLI are not available)")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(g, name) < 1:
+            raise ValueError(f"config glue.{name}: must be >= 1")
+    for name in ("teacher_epochs", "epochs", "lr", "teacher_lr", "kd_temperature", "max_grad_norm"):
+        if not getattr(g, name) > 0:
+            raise ValueError(f"config glue.{name}: must be > 0")
+    if not 0 <= g.kd_weight <= 1:
+        raise ValueError(f"config glue.kd_weight: alpha must be in [0, 1], got {g.kd_weight}")
+    if not 0 <= g.warmup < 1:
+        raise ValueError("config glue.warmup: a fraction of steps in [0, 1)")
+    if not 0 <= g.dropout < 1:
+        raise ValueError("config glue.dropout: a probability in [0, 1)")
+    if g.max_train_examples < 0 or g.length_window < 0:
+        raise ValueError("config glue.max_train_examples / length_window: must be >= 0 (0 = all / uniform)")
 
 
 def load_config(path: str | Path | None) -> RecipeConfig:

@@ -67,6 +67,12 @@ def _gate_scores(
     def emb(texts: list[str], max_len: int) -> torch.Tensor:
         return enc.embed(enc.tokenize(texts, max_len), enc.levels[0], head_gates=xi, neuron_gates=nu)
 
+    def hidden(texts: list[str], max_len: int) -> tuple[dict, torch.Tensor]:  # tokenized batch, (B, T, d)
+        tok = enc.tokenize(texts, max_len)
+        return tok, enc.model(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), head_gates=xi,
+                              neuron_gates=nu)
+
+    emb.hidden = hidden  # objectives that read hidden states rather than embeddings (relation_scores)
     n_batches = 0
     for batch in batches:
         gx = torch.autograd.grad(objective(batch, emb), xi + nu)  # gradients w.r.t. the gates only
@@ -142,6 +148,46 @@ def distill_scores(
         return cos_weight**0.5 * (r * s).sum() + kd_weight**0.5 * kd_temperature * logp.gather(1, c).sum()
 
     return _gate_scores(enc, batches, objective, torch.square)
+
+
+def relation_scores(
+    enc: ElasticEncoder,
+    batches: Iterable[list[str]],
+    max_length: int,
+    relation_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task-agnostic expressive scores: eq. 5 with the relation-distillation loss L^ALN (eq. 7)
+    in place of L^MLM, i.e. E|∂L^ALN/∂ξ| and E|∂L^ALN/∂ν| over unlabeled text.
+
+    The paper scores units by the teacher's pretraining loss (MLM); the bundled teacher ships no
+    MLM head, so the scores come from the loss the task-agnostic stage optimises, taken where
+    that stage starts: the gated teacher's last hidden states through the additional MHA block
+    (initialised from the teacher's last Q/K/V, training/relations.py), against the teacher's
+    own last-layer relations. That loss is not zero at the start (the block reads the last
+    layer's output, the teacher's relations its input), so its first order ranks units, and
+    every layer's units get a gradient.
+
+    Args:
+        enc: the unpruned teacher; batches: lists of unlabeled texts; max_length: tokens kept;
+        relation_heads: R (must divide the hidden size).
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+
+    Raises:
+        ValueError: ``enc`` is already pruned, ``batches`` is empty, or R does not divide the
+            hidden size.
+    """
+    from training.relations import RelationHead, relation_kl, teacher_relations
+
+    head = RelationHead(enc.dims.hidden_size, enc.model.encoder.layer[-1].attention.self).requires_grad_(False)
+
+    def objective(texts, emb):
+        tok, h = emb.hidden(texts, max_length)  # (B, T, d) gated last hidden states
+        target = teacher_relations(enc.model, tok, relation_heads)  # {kind: (B, R, T, T)}, no grad
+        return relation_kl(target, head(h, tok["attention_mask"], relation_heads), tok["attention_mask"])
+
+    return _gate_scores(enc, batches, objective, torch.abs)
 
 
 def level_widths(scores: torch.Tensor, fraction: float) -> list[int]:

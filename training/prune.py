@@ -18,7 +18,7 @@ from elastic.encoder import ElasticEncoder
 from elastic.structure import SubLM, permute, prune
 from elastic.submap import Submap
 from training.config import RecipeConfig, config_cli, teacher_path
-from training.importance import contrastive_loss, distill_scores, expressive_scores, level_widths
+from training.importance import contrastive_loss, distill_scores, expressive_scores, level_widths, relation_scores
 from training.query_distill import teacher_candidates
 from training.teacher import teacher_side
 
@@ -51,8 +51,30 @@ def export_pruned(teacher: ElasticEncoder, head_scores: torch.Tensor, neuron_sco
     return submap
 
 
+def prune_task_agnostic(cfg: RecipeConfig, out: Path) -> Submap:
+    """Prune the teacher by task-agnostic expressive scores (``relation_scores``) over
+    ``prune.score_queries`` texts sampled (seeded) from the unlabeled distillation text,
+    ``distill.max_length`` tokens each; write the model directory ``out``. ElasticLM's GLUE
+    structure (training/glue.py) comes from here."""
+    from training.distill import unlabeled_text
+
+    teacher = ElasticEncoder(teacher_path(cfg))
+    texts = unlabeled_text(cfg)
+    rng = random.Random(cfg.prune.seed)
+    pick = rng.sample(texts, min(cfg.prune.score_queries, len(texts)))
+    bs = cfg.prune.batch_size
+    hs, ns = relation_scores(teacher, [pick[s:s + bs] for s in range(0, len(pick), bs)], cfg.distill.max_length,
+                             cfg.distill.relation_heads)
+    return export_pruned(teacher, hs, ns, cfg.prune.levels, out)
+
+
 def run(cfg: RecipeConfig) -> None:
     t0 = time.time()
+    if cfg.prune.score_objective == "relation":
+        submap = prune_task_agnostic(cfg, cfg.run / "pruned")
+        print(f"[prune] relation scores; levels {list(submap.levels)}; wrote {cfg.run / 'pruned'} in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        return
     teacher = ElasticEncoder(teacher_path(cfg))
     side = teacher_side(cfg, teacher)
     print(f"[prune] teacher side ready ({len(side.pids)} passages) in {time.time() - t0:.0f} s", flush=True)

@@ -68,7 +68,8 @@ def query_distill_loss(s: torch.Tensor, t: torch.Tensor, t_logits: torch.Tensor,
     return loss
 
 
-def batch_sampler(lengths: list[int], batch_size: int, window: int):
+def batch_sampler(lengths: list[int], batch_size: int, window: int, section: str = "query_distill",
+                  unit: str = "queries"):
     """A function ``rng -> batch_size`` distinct query indices.
 
     ``window`` = 0: uniform over all queries. ``window`` = w >= 1: the queries are ordered by
@@ -77,13 +78,14 @@ def batch_sampler(lengths: list[int], batch_size: int, window: int):
     about twice the queries per second at batch 128: benchmarks/results/train_throughput.md).
 
     Raises:
-        ValueError: fewer queries than ``batch_size``, or a negative ``window``.
+        ValueError: fewer queries than ``batch_size``, or a negative ``window`` (the message
+            names ``section``'s field: query_distill for queries, glue for GLUE examples).
     """
     n = len(lengths)
     if n < batch_size:
-        raise ValueError(f"config query_distill.batch_size: {batch_size} is more than the {n} training queries")
+        raise ValueError(f"config {section}.batch_size: {batch_size} is more than the {n} training {unit}")
     if window < 0:
-        raise ValueError("config query_distill.length_window: must be >= 0 (0 = uniform sampling)")
+        raise ValueError(f"config {section}.length_window: must be >= 0 (0 = uniform sampling)")
     if window == 0:
         return lambda rng: rng.sample(range(n), batch_size)
     order = sorted(range(n), key=lengths.__getitem__)

@@ -1,0 +1,255 @@
+"""ElasticLM on GLUE: task files, the classifier, the loss, the metrics, the recipe's checks and a
+tiny end-to-end run (tiny odd-sized BERT, a few GLUE rows written by the test)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic.classifier import GlueModel
+from elastic.glue import TASKS, get_task, predictions, read_glue, score
+from training.config import load_config
+from training.glue_loss import glue_loss, logit_kd, task_loss
+
+from conftest import TOKENIZER_FILES, make_tiny_checkpoint, teacher_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- task files ---------------------------------------------------------------------------------
+
+def test_packed_files_read_with_the_documented_sizes():
+    sizes = {("SST-2", "dev"): 872, ("MRPC", "train"): 3668, ("MRPC", "dev"): 408, ("STS-B", "dev"): 1500,
+             ("RTE", "train"): 2490, ("RTE", "dev"): 277}
+    for (name, split), n in sizes.items():
+        ds = read_glue(ROOT / "data" / "glue" / f"{name}.{split}.tsv.gz", TASKS[name])
+        assert len(ds) == n
+        assert (ds.text_b is None) == (name == "SST-2")
+    sts = read_glue(ROOT / "data" / "glue" / "STS-B.dev.tsv.gz", TASKS["STS-B"])
+    assert sts.labels.dtype == torch.float32 and 0 <= sts.labels.min() and sts.labels.max() <= 5
+    mrpc = read_glue(ROOT / "data" / "glue" / "MRPC.dev.tsv.gz", TASKS["MRPC"])
+    assert mrpc.text_a[0].startswith("He said the foodservice pie")  # quotes are text, not CSV quoting
+    assert set(mrpc.labels.tolist()) == {0, 1}
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    f = write(tmp_path / "RTE.train.tsv", "sentence1\tlabel\nA.\t0\n")
+    with pytest.raises(ValueError, match=r"RTE.train.tsv: column 'sentence2' is missing"):
+        read_glue(f, TASKS["RTE"])
+
+
+def test_unknown_label_names_file_and_line(tmp_path):
+    f = write(tmp_path / "SST-2.train.tsv", "sentence\tlabel\ngood .\t1\nbad .\tnegative\n")
+    with pytest.raises(ValueError, match=r"SST-2.train.tsv: line 3: unknown label 'negative' for SST-2"):
+        read_glue(f, TASKS["SST-2"])
+
+
+def test_stsb_score_outside_range(tmp_path):
+    f = write(tmp_path / "STS-B.dev.tsv", "sentence1\tsentence2\tscore\na\tb\t5.5\n")
+    with pytest.raises(ValueError, match=r"line 2: score '5.5' is not a score in \[0, 5\]"):
+        read_glue(f, TASKS["STS-B"])
+
+
+def test_short_row_and_missing_file(tmp_path):
+    f = write(tmp_path / "RTE.dev.tsv", "sentence1\tsentence2\tlabel\nA.\t0\n")
+    with pytest.raises(ValueError, match="line 2 has 2 fields, the header has 3"):
+        read_glue(f, TASKS["RTE"])
+    with pytest.raises(FileNotFoundError, match="GLUE RTE file not found"):
+        read_glue(tmp_path / "nope.tsv", TASKS["RTE"])
+
+
+def test_unknown_task_name():
+    with pytest.raises(ValueError, match="GLUE task 'QNLI' is not one of"):
+        get_task("QNLI")
+
+
+def test_config_checks_glue_fields(tmp_path):
+    bad = write(tmp_path / "a.yaml", "glue:\n  tasks: [SST-2, MNLI]\n")
+    with pytest.raises(ValueError, match="config glue.tasks: 'MNLI' is not one of"):
+        load_config(bad)
+    bad = write(tmp_path / "b.yaml", "glue:\n  kd_weight: 1.5\n")
+    with pytest.raises(ValueError, match=r"config glue.kd_weight: alpha must be in \[0, 1\]"):
+        load_config(bad)
+    bad = write(tmp_path / "c.yaml", "glue:\n  epochs: 0\n")
+    with pytest.raises(ValueError, match="config glue.epochs: must be > 0"):
+        load_config(bad)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_match_hand_computed_values():
+    gold = torch.tensor([1, 0, 1, 1])
+    pred = torch.tensor([1, 1, 0, 1])
+    assert score(TASKS["RTE"], pred, gold) == {"accuracy": 50.0}
+    s = score(TASKS["MRPC"], pred, gold)  # tp 2, fp 1, fn 1 -> F1 = 2/3
+    assert s["f1"] == pytest.approx(200 / 3) and s["accuracy"] == 50.0
+    s = score(TASKS["STS-B"], torch.tensor([0.1, 0.5, 0.2, 3.0]), torch.tensor([1.0, 3.0, 2.0, 4.0]))
+    assert s["spearman"] == pytest.approx(100.0)  # same order
+    assert s["pearson"] < 100.0
+    assert predictions(TASKS["SST-2"], torch.tensor([[0.1, 0.9], [2.0, -1.0]])).tolist() == [1, 0]
+    assert predictions(TASKS["STS-B"], torch.tensor([[3.5], [1.0]])).tolist() == [3.5, 1.0]
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+def test_kd_is_zero_at_the_teacher_and_scaled_by_temperature_squared():
+    t = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
+    assert logit_kd(t.clone(), t, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    for tau in (1.0, 3.0):
+        p = torch.softmax(t / tau, -1)
+        manual = (p * (p.log() - torch.log_softmax(s / tau, -1))).sum(-1).mean() * tau**2
+        assert logit_kd(s, t, tau).item() == pytest.approx(manual.item(), rel=1e-5)
+    reg = logit_kd(torch.tensor([[1.0], [2.0]]), torch.tensor([[2.0], [2.0]]), 2.0)  # STS-B: MSE, no temperature
+    assert reg.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"student logits \(2, 1\) vs teacher \(2, 2\)"):
+        logit_kd(torch.zeros(2, 1), torch.zeros(2, 2), 1.0)
+
+
+def test_glue_loss_mixes_task_and_kd():
+    s, t, y = torch.tensor([[0.3, -0.2]]), torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    assert glue_loss(s, y, None, 0.5, 2.0).item() == pytest.approx(task_loss(s, y).item())
+    mixed = 0.25 * task_loss(s, y) + 0.75 * logit_kd(s, t, 2.0)
+    assert glue_loss(s, y, t, 0.75, 2.0).item() == pytest.approx(mixed.item())
+    assert task_loss(torch.tensor([[2.0]]), torch.tensor([3.0])).item() == pytest.approx(1.0)  # regression: MSE
+
+
+# --- classifier ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_classifier(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny transformers BertForSequenceClassification (hidden 32, 4 heads, intermediate 37)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("hfcls")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=128, num_labels=2)
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        shutil.copy(teacher_dir() / f, out / f)
+    return out, model
+
+
+PAIRS = (["A man plays a guitar.", "Two dogs run in the park on a sunny day."], ["Someone plays music.", "Dogs run."])
+
+
+def test_classifier_equals_transformers(hf_classifier):
+    path, hf = hf_classifier
+    ours = GlueModel(path, TASKS["RTE"])
+    tok = ours.tokenizer(*PAIRS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(**tok).logits
+    assert torch.allclose(ours.predict_logits(*PAIRS, level=100), ref, atol=1e-5)
+
+
+def test_teacher_with_other_label_count_is_refused(hf_classifier):
+    with pytest.raises(ValueError, match="the checkpoint has 2 labels, task STS-B needs 1"):
+        GlueModel(hf_classifier[0], TASKS["STS-B"])
+
+
+def test_saved_then_sliced_equals_cut(hf_classifier, tmp_path):
+    """An elastic GLUE model at level p computes what its physically pruned copy computes."""
+    from training.prune import export_pruned
+    from elastic.encoder import ElasticEncoder
+
+    path, _ = hf_classifier
+    enc = ElasticEncoder(path)
+    g = torch.Generator().manual_seed(1)
+    export_pruned(enc, torch.rand(2, 4, generator=g), torch.rand(2, 37, generator=g), [50, 30, 10], tmp_path / "pruned")
+    model = GlueModel(tmp_path / "pruned", TASKS["RTE"], seed=3)
+    model.model.classifier.weight.data.normal_(0, 1.0)
+    model.save(tmp_path / "elastic")
+    elastic = GlueModel(tmp_path / "elastic", TASKS["RTE"])
+    assert json.loads((tmp_path / "elastic" / "config.json").read_text())["id2label"] == {"0": "entailment",
+                                                                                         "1": "not_entailment"}
+    for level in (50, 10):
+        elastic.cut(level, tmp_path / f"cut{level}")
+        cut = GlueModel(tmp_path / f"cut{level}", TASKS["RTE"])
+        assert cut.levels == [level]
+        assert torch.allclose(elastic.predict_logits(*PAIRS, level=level), cut.predict_logits(*PAIRS, level=level),
+                              atol=1e-5)
+    assert not torch.allclose(elastic.predict_logits(*PAIRS, level=50), elastic.predict_logits(*PAIRS, level=10))
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+def glue_data(d: Path) -> Path:
+    """Tiny RTE and STS-B files (train 40 rows, dev 16) cut from the packed ones."""
+    d.mkdir(parents=True, exist_ok=True)
+    import gzip
+
+    for name in ("RTE", "STS-B"):
+        for split, n in (("train", 40), ("dev", 16)):
+            with gzip.open(ROOT / "data" / "glue" / f"{name}.{split}.tsv.gz", "rt") as f:
+                lines = [next(f) for _ in range(n + 1)]
+            (d / f"{name}.{split}.tsv").write_text("".join(lines))
+    return d
+
+
+def tiny_recipe(tmp_path: Path, teacher: Path, extra: str = "") -> Path:
+    return write(tmp_path / "glue.yaml", f"""
+run_dir: {tmp_path / 'run'}
+train: {{checkpoint_every: 2, log_every: 1}}
+prune: {{teacher: {teacher}, levels: [50, 20], score_objective: relation, score_queries: 8, batch_size: 4}}
+distill: {{enabled: true, steps: 2, batch_size: 4, max_length: 32, relation_heads: 4}}
+glue: {{tasks: [RTE, STS-B], data_dir: {glue_data(tmp_path / 'glue')}, teacher_epochs: 0.2, epochs: 0.2,
+        batch_size: 8, eval_batch_size: 8}}
+{extra}""")
+
+
+def test_bad_teacher_fails_before_any_training(tmp_path, tiny_dir, hf_classifier):
+    from training.glue import run
+
+    cfg = load_config(tiny_recipe(tmp_path, tiny_dir))
+    cfg.glue.teachers = {"STS-B": str(hf_classifier[0])}
+    with pytest.raises(ValueError, match="the checkpoint has 2 labels, task STS-B needs 1"):
+        run(cfg)
+    assert not (tmp_path / "run" / "pruned").exists()
+    cfg.glue.teachers = {}
+    bad = tmp_path / "glue" / "RTE.dev.tsv"
+    bad.write_text(bad.read_text().replace("\t1\t", "\tmaybe\t", 1))
+    with pytest.raises(ValueError, match="RTE.dev.tsv: line .*: unknown label 'maybe' for RTE"):
+        run(cfg)
+    assert not (tmp_path / "run" / "pruned").exists()
+
+
+def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
+    from benchmarks.glue import evaluate, glue_scores, markdown, targets
+    from training.glue import run
+
+    cfg = load_config(tiny_recipe(tmp_path, tiny_dir))
+    run(cfg)
+    r = tmp_path / "run"
+    for d in ("pruned", "distilled", "static/50/distilled", "static/20/distilled", "glue/RTE/teacher",
+              "glue/RTE/elastic", "glue/RTE/static/50", "glue/STS-B/static/20"):
+        assert (r / d / "model.safetensors").exists(), d
+    assert not (r / "glue" / "RTE" / "checkpoints" / "elastic" / "checkpoint.pt").exists()  # dropped when done
+    assert GlueModel(r / "glue" / "RTE" / "elastic", TASKS["RTE"]).levels == [50, 20]
+    capsys.readouterr()
+    run(cfg)  # everything done: nothing trains again
+    assert capsys.readouterr().out.count("done before") == 2 * (1 + 1 + 2)
+    rows, extra = evaluate(cfg)
+    assert all(set(row) == {"task", "system", "level", "metric", "score", "gflops"} for row in rows)
+    assert {(row["task"], row["system"], row["level"]) for row in rows} == {
+        (t, s, lv) for t in ("RTE", "STS-B") for s, lv in
+        (("teacher", None), ("elastic", 50), ("elastic", 20), ("static", 50), ("static", 20))}
+    assert all(0 <= row["score"] <= 100 for row in rows if row["metric"] == "accuracy")
+    gf = {(row["system"], row["level"]): row["gflops"] for row in rows}
+    assert gf[("teacher", None)] > gf[("elastic", 50)] > gf[("elastic", 20)] == gf[("static", 20)]
+    g = glue_scores(rows, ["RTE", "STS-B"])
+    assert set(g) == {("teacher", None), ("elastic", 50), ("elastic", 20), ("static", 50), ("static", 20)}
+    assert len(targets(rows, ["RTE", "STS-B"])) == 3  # the 50 % ratio line and two elastic-vs-static lines
+    md = markdown(rows, extra, cfg, ["RTE", "STS-B"], "cmd", 1.0)
+    assert "| static (w/o elasticity) | 20 % |" in md and "GLUE score" in md

@@ -1,0 +1,238 @@
+"""ElasticLM on GLUE (paper §4.2, §5.1-5.2, Table 4): one recipe, every stage resumable.
+
+    python -m training.glue --config configs/glue.yaml [--device cuda]
+
+1. Task-agnostic structure: the teacher (``prune.teacher``, the bundled BERT) pruned into nested
+   SubLMs by task-agnostic expressive scores (``prune.score_objective: relation``) -> run_dir/pruned.
+2. Task-agnostic elastic distillation (MiniLMv2 relations over unlabeled text, every SubLM at every
+   step, training/distill.py) -> run_dir/distilled; each static level cut out and distilled alone
+   with the same recipe and steps -> run_dir/static/<p>/distilled.
+3. Per task of ``glue.tasks``:
+   - teacher: ``glue.teachers[task]`` when given (its number of labels is checked), else the
+     bundled BERT fine-tuned on the task -> run_dir/glue/<task>/teacher; its logits on the training
+     examples are the KD targets;
+   - elastic: the distilled ElasticLM, pooler and classifier from the teacher, fine-tuned with
+     every SubLM at every step (Algorithm 1; training/glue_loss.py) -> run_dir/glue/<task>/elastic;
+   - static: each level's distilled model fine-tuned alone, same recipe and steps ->
+     run_dir/glue/<task>/static/<p>.
+
+Everything that can fail on bad input (task names, GLUE files, a teacher with the wrong number
+of labels) fails before the first step. A finished fine-tuning stage leaves ``stage.json`` (what
+produced it) beside its weights and drops its optimizer checkpoint; a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from elastic.classifier import GlueModel
+from elastic.glue import GlueSet, GlueTask, get_task, read_glue, task_file
+from training.config import RecipeConfig, config_cli, teacher_path
+from training.distill import distill, fingerprint
+from training.glue_loss import glue_loss
+from training.loop import LoopConfig, resolve_device, train_elastic
+from training.query_distill import batch_sampler
+from training.static import cut_level, static_levels
+
+
+def load_task_data(cfg: RecipeConfig, task: GlueTask) -> tuple[GlueSet, GlueSet]:
+    """(train, dev) of ``task``; train subsampled to ``glue.max_train_examples`` (uniform, seeded
+    by ``glue.seed``, file order kept). Raises FileNotFoundError / ValueError naming the file."""
+    g = cfg.glue
+    train = read_glue(task_file(g.data_dir, task, "train"), task)
+    dev = read_glue(task_file(g.data_dir, task, "dev"), task)
+    if g.max_train_examples and len(train) > g.max_train_examples:
+        idx = sorted(random.Random(g.seed).sample(range(len(train)), g.max_train_examples))
+        train = train.subset(idx)
+    return train, dev
+
+
+def check_inputs(cfg: RecipeConfig) -> dict[str, tuple[GlueSet, GlueSet]]:
+    """Read every task's files and load every given teacher before any training time is spent.
+
+    Raises:
+        ValueError: an unknown task, a malformed GLUE file (named), or a teacher whose number
+            of labels does not match its task.
+    """
+    data = {}
+    for name in cfg.glue.tasks:
+        task = get_task(name)
+        data[name] = load_task_data(cfg, task)
+    for name, path in cfg.glue.teachers.items():
+        if not isinstance(path, str):
+            raise ValueError(f"config glue.teachers.{name}: expected a directory path, got {path!r}")
+        GlueModel(path, get_task(name))  # raises on a label-count mismatch
+    return data
+
+
+class GlueObjective:
+    """Algorithm 1's loss for GLUE: per SubLM, (1 - α)·task + α·KD (training/glue_loss.py)."""
+
+    def __init__(self, model: GlueModel, alpha: float, temperature: float):
+        self.model, self.alpha, self.temperature = model, alpha, temperature
+
+    def prepare(self, batch: dict) -> None:
+        return None  # the teacher's logits are precomputed per example
+
+    def loss(self, batch: dict, prep: None, level: int) -> torch.Tensor:
+        logits = self.model.logits(batch, level)  # (B, num_labels)
+        return glue_loss(logits, batch["labels"], batch.get("teacher"), self.alpha, self.temperature)
+
+    def finish(self, prep: None) -> None:
+        pass
+
+
+def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits: torch.Tensor | None, levels: list[int],
+             epochs: float, lr: float, out: Path, workdir: Path, key: dict, desc: str) -> None:
+    """Fine-tune ``model``'s SubLMs ``levels`` on ``train`` (every level at every step) and write
+    the model directory ``out``; skipped when ``out/stage.json`` holds the same ``key``.
+
+    Steps: ceil(epochs · N / batch_size); batches are drawn by length window (``glue.length_window``).
+    """
+    g = cfg.glue
+    key = {**key, "levels": levels, "epochs": epochs, "lr": lr, "n_train": len(train)}
+    done = out / "stage.json"
+    if done.exists() and json.loads(done.read_text()).get("key") == json.loads(json.dumps(key)):
+        print(f"[{desc}] done before: {out}", flush=True)
+        return
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(g.seed)
+    m = model.model.to(device)
+    if g.freeze_word_embeddings:
+        m.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    enc = model.tokenize(train.text_a, train.text_b)
+    bs = min(g.batch_size, len(train))
+    pick = batch_sampler([len(x) for x in enc["input_ids"]], bs, g.length_window, "glue", "examples")
+    labels = train.labels.to(device)
+    soft = teacher_logits.to(device) if teacher_logits is not None else None
+
+    def sample(rng: random.Random) -> dict:
+        idx = pick(rng)
+        b = {k: v.to(device) for k, v in model.collate(enc, idx).items()}
+        b["labels"] = labels[idx]
+        if soft is not None:
+            b["teacher"] = soft[idx]
+        return b
+
+    steps = max(1, math.ceil(epochs * len(train) / bs))
+    lc = LoopConfig(steps, lr, g.weight_decay, g.warmup, g.max_grad_norm, g.seed, cfg.train.checkpoint_every,
+                    cfg.train.log_every)
+    t0 = time.time()
+    records = train_elastic(m, levels, sample, GlueObjective(model, g.kd_weight, g.kd_temperature), lc, workdir, key,
+                            device, desc)
+    m.to("cpu")
+    model.save(out)
+    done.write_text(json.dumps({"key": key, "steps": steps, "wall_s": round(time.time() - t0, 1),
+                                "last": records[-1] if records else None}, indent=1) + "\n")
+    shutil.copy(workdir / "train_log.jsonl", out / "train_log.jsonl")
+    (workdir / "checkpoint.pt").unlink(missing_ok=True)  # weights + AdamW moments; the output holds the result
+
+
+def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teacher: Path | None) -> dict:
+    g = asdict(cfg.glue)
+    for k in ("tasks", "teachers", "eval_batch_size", "data_dir"):
+        g.pop(k)
+    return {"stage": stage, "task": task.name, "glue": g, "init": fingerprint(init),
+            "teacher": fingerprint(teacher) if teacher is not None else None}
+
+
+def teacher_for(cfg: RecipeConfig, task: GlueTask, train: GlueSet) -> Path:
+    """The task's teacher directory: ``glue.teachers[task]``, else the bundled BERT fine-tuned
+    here (``glue.teacher_epochs``, ``glue.teacher_lr``, task loss only)."""
+    if task.name in cfg.glue.teachers:
+        return Path(cfg.glue.teachers[task.name])
+    root = cfg.run / "glue" / task.name
+    src = teacher_path(cfg)
+    model = GlueModel(src, task, cfg.glue.dropout, cfg.glue.seed)
+    finetune(cfg, model, train, None, [100], cfg.glue.teacher_epochs, cfg.glue.teacher_lr, root / "teacher",
+             root / "checkpoints" / "teacher", _stage_key(cfg, task, "teacher", src, None), f"{task.name} teacher")
+    return root / "teacher"
+
+
+def teacher_logits(cfg: RecipeConfig, task: GlueTask, teacher_dir: Path, train: GlueSet, cache: Path) -> torch.Tensor:
+    """(N, num_labels) teacher logits of the training examples, cached under the teacher's fingerprint."""
+    tag = {"teacher": fingerprint(teacher_dir), "n": len(train), "max_length": task.max_length}
+    if cache.exists():
+        ck = torch.load(cache, weights_only=False)
+        if ck.get("tag") == tag:
+            return ck["logits"]
+    teacher = GlueModel(teacher_dir, task)
+    logits = teacher.predict_logits(train.text_a, train.text_b, teacher.levels[0], cfg.glue.eval_batch_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"tag": tag, "logits": logits}, cache)
+    return logits
+
+
+def with_head(cfg: RecipeConfig, init: Path, task: GlueTask, teacher_dir: Path) -> GlueModel:
+    """The model directory ``init`` (a distilled ElasticLM, no classifier) with the pooler and
+    classifier of the task's teacher."""
+    model = GlueModel(init, task, cfg.glue.dropout, cfg.glue.seed)
+    teacher = GlueModel(teacher_dir, task)
+    model.model.pooler.load_state_dict(teacher.model.pooler.state_dict())
+    model.model.classifier.load_state_dict(teacher.model.classifier.state_dict())
+    return model
+
+
+def task_agnostic(cfg: RecipeConfig) -> None:
+    """Stages 1-2 of the module docstring (each resumes; pruning is skipped when done)."""
+    from training.prune import prune_task_agnostic
+
+    run = cfg.run
+    if not (run / "pruned" / "submap.json").exists():
+        t0 = time.time()
+        prune_task_agnostic(cfg, run / "pruned")
+        print(f"[glue] pruned by task-agnostic expressive scores into {run / 'pruned'} in {time.time() - t0:.0f} s",
+              flush=True)
+    if cfg.distill.enabled:
+        distill(cfg, run / "pruned", run / "distilled", run / "checkpoints" / "distill", "distill elastic")
+    if cfg.static.enabled:
+        for level in static_levels(cfg):
+            root = run / "static" / str(level)
+            if not (root / "pruned" / "submap.json").exists():
+                cut_level(run / "pruned", level, root / "pruned")
+            if cfg.distill.enabled:
+                distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill",
+                        f"distill static {level}%")
+
+
+def run(cfg: RecipeConfig) -> None:
+    """The whole recipe (module docstring); finished stages are skipped, unfinished ones resume."""
+    t0 = time.time()
+    data = check_inputs(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    task_agnostic(cfg)
+    for name, (train, _dev) in data.items():
+        task = get_task(name)
+        root = cfg.run / "glue" / name
+        tdir = teacher_for(cfg, task, train)
+        soft = teacher_logits(cfg, task, tdir, train, root / "teacher_train_logits.pt")
+        init = cfg.task_init(cfg.run)
+        elastic = with_head(cfg, init, task, tdir)
+        finetune(cfg, elastic, train, soft, elastic.levels, cfg.glue.epochs,
+                 cfg.glue.lr, root / "elastic", root / "checkpoints" / "elastic",
+                 _stage_key(cfg, task, "elastic", init, tdir), f"{name} elastic")
+        if cfg.static.enabled:
+            for level in static_levels(cfg):
+                sinit = cfg.task_init(cfg.run / "static" / str(level))
+                finetune(cfg, with_head(cfg, sinit, task, tdir), train, soft, [level], cfg.glue.epochs, cfg.glue.lr,
+                         root / "static" / str(level), root / "checkpoints" / "static" / str(level),
+                         _stage_key(cfg, task, "static", sinit, tdir), f"{name} static {level}%")
+    print(f"[glue] every stage done in {time.time() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    config_cli("ElasticLM on GLUE: task-agnostic structure and distillation, then per-task teacher, elastic and "
+               "static fine-tuning.", run)
+
+
+if __name__ == "__main__":
+    main()
