@@ -1,6 +1,7 @@
-"""Pack ElasticDenser into a TorchServe archive with torch-model-archiver.
+"""Pack ElasticDenser (or a GLUE ElasticLM) into a TorchServe archive with torch-model-archiver.
 
     python -m archive.build_mar --config configs/demo.yaml [--archive-format no-archive]
+    python -m archive.build_mar --config configs/glue.yaml --glue-task SST-2   # -> elasticlm-sst-2.mar
 
 Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
 model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt) and a
@@ -69,15 +70,18 @@ def archive(handler: Path, files: Path, yaml_cfg: dict, name: str, export_path: 
     return export_path / (name if archive_format == "no-archive" else f"{name}.mar")
 
 
-def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
+def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
               archive_format: str = "default") -> Path:
-    """Stage the model, index and elastic/ package, then ``archive`` them with the ElasticDenser handler.
+    """Stage the model, index (ElasticDenser; None for a GLUE model) and elastic/ package, then
+    ``archive`` them with the elastic handler, which serves whichever task the directory holds.
 
     Raises:
         FileNotFoundError: a model or index file is missing (named).
         subprocess.CalledProcessError: torch-model-archiver failed.
     """
-    needed = [model_dir / f for f in MODEL_FILES] + [index_dir / "index.faiss", index_dir / "pids.txt"]
+    needed = [model_dir / f for f in MODEL_FILES]
+    if index_dir is not None:
+        needed += [index_dir / "index.faiss", index_dir / "pids.txt"]
     for f in needed:
         if not f.exists():
             raise FileNotFoundError(f"{f}: missing; run training.prune/distill/finetune and training.build_index first")
@@ -87,7 +91,7 @@ def build_mar(model_dir: Path, index_dir: Path, export_path: Path, yaml_cfg: dic
         for f in MODEL_FILES + TOKENIZER_FILES:
             if (model_dir / f).exists():
                 shutil.copy(model_dir / f, stage / f)
-        for f in ("index.faiss", "pids.txt"):
+        for f in ("index.faiss", "pids.txt") if index_dir is not None else ():
             shutil.copy(index_dir / f, stage / f)
         for f in (ROOT / "elastic").glob("*.py"):
             shutil.copy(f, stage / "elastic" / f.name)
@@ -112,8 +116,32 @@ def main() -> None:
     ap.add_argument("--export-path", type=Path, default=Path("model_store"))
     ap.add_argument("--archive-format", choices=["default", "no-archive"], default="default",
                     help="default = one .mar file; no-archive = an editable directory")
+    ap.add_argument("--glue-task", help="pack the recipe's GLUE ElasticLM of this task (run_dir/glue/<task>/elastic, "
+                                        "training/glue.py) as elasticlm-<task>.mar instead of ElasticDenser")
     a = ap.parse_args()
-    run(load_config(a.config), a.export_path, a.archive_format)
+    cfg = load_config(a.config)
+    if a.glue_task:
+        run_glue(cfg, a.glue_task, a.export_path, a.archive_format)
+    else:
+        run(cfg, a.export_path, a.archive_format)
+
+
+def run_glue(cfg: RecipeConfig, task: str, export_path: Path = Path("model_store"),
+             archive_format: str = "default") -> Path:
+    """Pack run_dir/glue/<task>/elastic with the same handler and serving settings as ElasticDenser.
+
+    Raises:
+        ValueError: ``task`` is not a GLUE task of this project.
+    """
+    from elastic.glue import get_task
+
+    t = get_task(task)
+    yaml_cfg = model_config(cfg.serve, cfg.encode.query_max_length)
+    del yaml_cfg["handler"]["query_max_length"], yaml_cfg["handler"]["top_k"]  # retrieval only
+    out = build_mar(cfg.run / "glue" / t.name / "elastic", None, export_path, yaml_cfg,
+                    name=f"elasticlm-{t.name.lower()}", archive_format=archive_format)
+    print(f"[archive] wrote {out}", flush=True)
+    return out
 
 
 def run(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:

@@ -1,8 +1,18 @@
-"""ElasticDenser serving core, independent of TorchServe: settings, request parsing, the queue
-poller, calibration of t_k, and the per-batch path (schedule -> encode -> exact search of the
-FAISS flat index, one sgemm per batch).
+"""The elastic serving core, independent of TorchServe and generic over tasks: settings, request
+parsing, the queue poller, calibration of t_k, and the per-batch path (schedule -> the task's
+model at the chosen SubLM -> one answer per request).
 
-handler/elastic_handler.py is a thin TorchServe adapter over ``ElasticRetriever``.
+``ElasticServer`` holds everything the schedule needs (ages, g, o, c, λ, shedding, counters,
+Server-Timing); a task supplies four hooks: parse a batch of bodies, run items at a level, turn
+outputs into answers, and a calibration item. Two tasks:
+
+- ``ElasticRetriever``: ElasticDenser, query -> top-k passages (exact search of the FAISS flat
+  index, one sgemm per batch);
+- ``ElasticClassifierServer``: ElasticLM fine-tuned on a GLUE task, text (+ text_pair) -> label
+  and probabilities, or STS-B's score.
+
+``server_for`` picks the task from the model directory; handler/elastic_handler.py is a thin
+TorchServe adapter over it.
 """
 
 from __future__ import annotations
@@ -61,8 +71,9 @@ class HandlerSettings:
         request_start_max_age_ms: an older start is absurd: ignored for that request, counted.
         management_address: TorchServe management API, polled for the queue size g after each
             full batch; env ELASTIC_MANAGEMENT_ADDRESS wins.
-        query_max_length: longest query in tokens ([CLS] and [SEP] included); longer -> 400.
-        top_k: passages returned per query.
+        query_max_length: retrieval: longest query in tokens ([CLS] and [SEP] included); longer -> 400.
+            (A GLUE model truncates to its task's max_length instead and says so.)
+        top_k: retrieval: passages returned per query.
         torch_threads: intra-op threads of this worker.
         worker_nice: added to this worker process's nice value at load (os.nice), in [-20, 19].
             The frontend shares the worker's core; a negative value lets a batch in progress
@@ -289,14 +300,13 @@ def flat_ip_vectors(index) -> torch.Tensor | None:
     return torch.from_numpy(xb).view(index.ntotal, index.d)  # (N, d) float32
 
 
-class ElasticRetriever:
-    """ElasticDenser behind one worker: the elastic query encoder, the FAISS index of passages
-    encoded by the largest SubLM, calibrated t_k per level and batch size, and the schedule's
-    online state (per-batch overhead o, correction c, recent batches for age estimates).
+class ElasticServer:
+    """The elastic schedule behind one worker, for any task: calibrated t_k per level and batch
+    size, and the schedule's online state (per-batch overhead o, correction c, recent batches for
+    age and arrival-rate estimates). A task subclass loads its model, then calls ``_ready()``,
+    and implements ``levels``, ``_prepare``, ``_run``, ``_answers`` and ``_calibration_items``.
 
     Args:
-        model_dir: holds config.json, model.safetensors, submap.json, tokenizer files,
-            index.faiss and pids.txt.
         settings: handler settings.
         max_batch: TorchServe batchSize of this model.
         queue: the queue signal: ``queue_size`` attribute and ``request()`` (a QueuePoller in
@@ -304,19 +314,16 @@ class ElasticRetriever:
         max_batch_delay_ms: TorchServe maxBatchDelay (what a request reaching an idle worker waits).
 
     Raises:
-        ValueError / FileNotFoundError: files missing or not matching each other, or a pinned
-            level that the submap does not have (handler.pin_level).
+        ValueError: worker_nice without CAP_SYS_NICE, or (in ``_ready``) a pinned level that the
+            model does not have (handler.pin_level).
     """
 
+    TASK = "none"  # what describe() reports: "retrieval" or "glue:<task>"
     HISTORY = 32  # recent batches kept for age and arrival-rate estimates
     RATE_MIN_SPAN_S = 0.25
     RATE_WINDOW_S = 1.0  # seconds of batches that count for λ
 
-    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
-                 max_batch_delay_ms: float = 0.0):
-        import faiss
-
-        d = Path(model_dir)
+    def __init__(self, settings: HandlerSettings, max_batch: int = 1, queue=None, max_batch_delay_ms: float = 0.0):
         self.settings = settings
         self.max_batch = max_batch
         self.max_batch_delay_ms = max_batch_delay_ms
@@ -328,31 +335,45 @@ class ElasticRetriever:
                 raise ValueError(f"handler.worker_nice: {settings.worker_nice} needs CAP_SYS_NICE ({e}); set it to 0 "
                                  "or grant the capability") from None
         torch.set_num_threads(settings.torch_threads)
-        faiss.omp_set_num_threads(settings.torch_threads)
-        self.encoder = ElasticEncoder(d)
-        if settings.pin_level is not None and settings.pin_level not in self.encoder.levels:
-            raise ValueError(f"handler.pin_level: {settings.pin_level} is not a level of submap.json "
-                             f"{self.encoder.levels}")
-        for f in ("index.faiss", "pids.txt"):
-            if not (d / f).exists():
-                raise FileNotFoundError(f"{d}: {f} is missing")
-        self.index = faiss.read_index(str(d / "index.faiss"))
-        self.pids = (d / "pids.txt").read_text().split()
-        if self.index.ntotal != len(self.pids):
-            raise ValueError(f"index.faiss has {self.index.ntotal} vectors but pids.txt has {len(self.pids)} pids")
-        if self.index.d != self.encoder.dims.hidden_size:
-            raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
-                             f"{self.encoder.dims.hidden_size}")
-        self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
+
+    def _ready(self) -> None:
+        """Check the pinned level, calibrate t_k and start the schedule's state (after the model is loaded)."""
+        s = self.settings
+        if s.pin_level is not None and s.pin_level not in self.levels:
+            raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of submap.json {self.levels}")
         self.calibration = self.calibrate()
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
-        self.correction = LatencyCorrection(quantile=settings.deadline_quantile)  # c: observed / predicted time
+        self.correction = LatencyCorrection(quantile=s.deadline_quantile)  # c: observed / predicted time
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}
         self._last_end: float | None = None
         self._last_waiting = False
 
+    # --- the task's hooks -------------------------------------------------------------------------
+    @property
+    def levels(self) -> list[int]:
+        """Preserving levels in percent, largest first."""
+        raise NotImplementedError
+
+    def _prepare(self, bodies: list[Any]) -> list[Any]:
+        """Per body, the item the model takes (e.g. token ids), or a 400 ``Result`` naming what
+        was wrong with that request alone."""
+        raise NotImplementedError
+
+    def _run(self, items: list[Any], level: int) -> Any:
+        """The model on ``items`` at ``level``: the time the schedule predicts as t_k."""
+        raise NotImplementedError
+
+    def _answers(self, items: list[Any], outputs: Any) -> list[dict]:
+        """One JSON-able payload per item from ``_run``'s outputs."""
+        raise NotImplementedError
+
+    def _calibration_items(self, b: int) -> list[Any]:
+        """``b`` typical items, timed per level and batch size by ``calibrate``."""
+        raise NotImplementedError
+
+    # --- the schedule -------------------------------------------------------------------------------
     def _batch_sizes(self) -> tuple[int, ...]:
         sizes = {1, self.max_batch}
         b = 2
@@ -362,38 +383,24 @@ class ElasticRetriever:
         return tuple(sorted(sizes))
 
     def calibrate(self) -> Calibration:
-        """Median milliseconds of the whole per-batch path (tokenize, encode, search) per level
-        and batch size, on a typical-length query (paper §4.3: t_k is measured, not assumed)."""
+        """Median milliseconds of the task's model path (``_run``) per level and batch size, on
+        typical items (paper §4.3: t_k is measured, not assumed)."""
         sizes = self._batch_sizes()
         ms = {}
-        for level in self.encoder.levels:
+        for level in self.levels:
             times = []
             for b in sizes:
-                texts = [CALIBRATION_QUERY] * b
+                items = self._calibration_items(b)
                 for _ in range(3):
-                    self._search(self._token_ids(texts), level)  # warm-up
+                    self._run(items, level)  # warm-up
                 runs = []
                 for _ in range(self.settings.calibration_repeats):
                     t0 = time.perf_counter()
-                    self._search(self._token_ids(texts), level)
+                    self._run(items, level)
                     runs.append((time.perf_counter() - t0) * 1000)
                 times.append(statistics.median(runs))
             ms[level] = tuple(times)
         return Calibration(sizes, ms)
-
-    def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, untruncated (their lengths decide over-long queries)."""
-        return self.encoder.tokenizer(texts, truncation=False)["input_ids"]
-
-    def _search(self, ids: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
-        """(B, top_k) scores and index rows for already tokenized queries, at ``level``."""
-        batch = self.encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        with torch.inference_mode():
-            q = self.encoder.embed(batch, level)
-            if self._vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
-                top = torch.topk(q @ self._vectors.T, min(self.settings.top_k, self._vectors.shape[0]), dim=1)
-                return top.values.numpy(), top.indices.numpy()
-        return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
     OVERHEAD_CAP_MS = 100.0  # a longer gap is not overhead (e.g. a GC pause): ignored
@@ -442,14 +449,14 @@ class ElasticRetriever:
         Retry-After, and the others go on.
 
         Args:
-            bodies: request bodies (see ``parse_query``).
+            bodies: request bodies (the task's ``_prepare`` reads them).
             request_starts: per request, the value of the request-start header, or None.
 
-        Each good answer: {"results": [{"pid", "score"} x top_k], "level": k in percent,
-        "queue_size": g seen when the level was chosen}, with a ``Server-Timing`` header
-        ``wait;dur=<ms>, model;dur=<ms>, handler;dur=<ms>`` (W3C Server Timing, milliseconds): the
-        request's age when the batch began (from its start header, else estimated), the batch's
-        encode + search, and the handler up to the answer.
+        Each good answer: the task's payload plus "level" (k in percent) and "queue_size" (g seen
+        when the level was chosen), with a ``Server-Timing`` header ``wait;dur=<ms>,
+        model;dur=<ms>, handler;dur=<ms>`` (W3C Server Timing, milliseconds): the request's age
+        when the batch began (from its start header, else estimated), the batch's model path, and
+        the handler up to the answer.
         """
         start, now_epoch = time.perf_counter(), time.time()
         self._observe_gap(start)
@@ -462,23 +469,15 @@ class ElasticRetriever:
             self.queue.queue_size = 0
         g = max(0, int(self.queue.queue_size) - n) if full else 0
         results: list[Result | None] = [None] * n
-        texts, parsed_at = [], []
-        for i, body in enumerate(bodies):
-            try:
-                texts.append(parse_query(body))
-                parsed_at.append(i)
-            except BadRequest as e:
-                results[i] = Result(400, {"error": str(e)})
-        ids, where = [], []
-        limit = self.settings.query_max_length
-        for i, tok in zip(parsed_at, self._token_ids(texts) if texts else []):  # one tokenizer call per batch
-            if len(tok) > limit:
-                results[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit}"})
+        items, where = [], []
+        for i, p in enumerate(self._prepare(bodies) if bodies else []):  # one tokenizer call per batch
+            if isinstance(p, Result):
+                results[i] = p
             else:
-                ids.append(tok)
+                items.append(p)
                 where.append(i)
-        self.counters["bad_request"] += n - len(ids)
-        if ids:
+        self.counters["bad_request"] += n - len(items)
+        if items:
             s = self.settings
             ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
             plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
@@ -492,18 +491,18 @@ class ElasticRetriever:
                                                {"Retry-After": str(s.retry_after_s)})
             self.counters["shed"] += len(where) - len(keep)
             if keep:
+                kept = [items[k] for k in keep]
                 t0 = time.perf_counter()
-                scores, idx = self._search([ids[k] for k in keep], plan.level)
+                outputs = self._run(kept, plan.level)
                 t1 = time.perf_counter()
                 model_ms = (t1 - t0) * 1000
                 self.correction.observe(self.calibration.t(plan.level, len(keep)), model_ms)
                 # W3C Server-Timing: the request's age when its batch began (the schedule's input),
-                # what the batch spent in the model (encode + search) and in the whole handler so
-                # far, so a client can tell waiting, the model and the serving stack apart
+                # what the batch spent in the model and in the whole handler so far, so a client
+                # can tell waiting, the model and the serving stack apart
                 timing = f"model;dur={model_ms:.3f}, handler;dur={(t1 - start) * 1000:.3f}"
-                for k, srow, irow in zip(keep, scores, idx):
-                    hits = [{"pid": self.pids[j], "score": round(float(s), 6)} for j, s in zip(irow, srow) if j >= 0]
-                    results[where[k]] = Result(200, {"results": hits, "level": plan.level, "queue_size": g},
+                for k, payload in zip(keep, self._answers(kept, outputs)):
+                    results[where[k]] = Result(200, {**payload, "level": plan.level, "queue_size": g},
                                                {"Server-Timing": f"wait;dur={ages[k]:.3f}, {timing}"})
                 self.counters["served"] += len(keep)
         self.counters["batches"] += 1
@@ -518,7 +517,8 @@ class ElasticRetriever:
         c = self.calibration
         return {
             "latency_constraint_ms": self.settings.latency_constraint_ms,
-            "levels": self.encoder.levels,
+            "task": self.TASK,
+            "levels": self.levels,
             "batch_sizes": list(c.batch_sizes),
             "processing_ms": {str(k): [round(t, 3) for t in v] for k, v in c.ms.items()},
             "overhead_ms": round(self.overhead_ms, 3),
@@ -533,3 +533,213 @@ class ElasticRetriever:
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
         }
+
+
+class ElasticRetriever(ElasticServer):
+    """ElasticDenser behind one worker: the elastic query encoder and the FAISS index of passages
+    encoded by the largest SubLM. A request is {"query": ...} (see ``parse_query``); an answer
+    {"results": [{"pid", "score"} x top_k], "level", "queue_size"}.
+
+    Args:
+        model_dir: holds config.json, model.safetensors, submap.json, tokenizer files,
+            index.faiss and pids.txt.
+        settings, max_batch, queue, max_batch_delay_ms: see ElasticServer.
+
+    Raises:
+        ValueError / FileNotFoundError: files missing or not matching each other, or a pinned
+            level that the submap does not have (handler.pin_level).
+    """
+
+    TASK = "retrieval"
+
+    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+                 max_batch_delay_ms: float = 0.0):
+        import faiss
+
+        super().__init__(settings, max_batch, queue, max_batch_delay_ms)
+        d = Path(model_dir)
+        faiss.omp_set_num_threads(settings.torch_threads)
+        self.encoder = ElasticEncoder(d)
+        for f in ("index.faiss", "pids.txt"):
+            if not (d / f).exists():
+                raise FileNotFoundError(f"{d}: {f} is missing")
+        self.index = faiss.read_index(str(d / "index.faiss"))
+        self.pids = (d / "pids.txt").read_text().split()
+        if self.index.ntotal != len(self.pids):
+            raise ValueError(f"index.faiss has {self.index.ntotal} vectors but pids.txt has {len(self.pids)} pids")
+        if self.index.d != self.encoder.dims.hidden_size:
+            raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
+                             f"{self.encoder.dims.hidden_size}")
+        self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
+        self._ready()
+
+    @property
+    def levels(self) -> list[int]:
+        return self.encoder.levels
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, untruncated (their lengths decide over-long queries)."""
+        return self.encoder.tokenizer(texts, truncation=False)["input_ids"]
+
+    def _search(self, ids: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, top_k) scores and index rows for already tokenized queries, at ``level``."""
+        batch = self.encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        with torch.inference_mode():
+            q = self.encoder.embed(batch, level)
+            if self._vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
+                top = torch.topk(q @ self._vectors.T, min(self.settings.top_k, self._vectors.shape[0]), dim=1)
+                return top.values.numpy(), top.indices.numpy()
+        return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
+
+    def _prepare(self, bodies: list[Any]) -> list[Any]:
+        out: list[Any] = [None] * len(bodies)
+        texts, at = [], []
+        for i, body in enumerate(bodies):
+            try:
+                texts.append(parse_query(body))
+                at.append(i)
+            except BadRequest as e:
+                out[i] = Result(400, {"error": str(e)})
+        limit = self.settings.query_max_length
+        for i, tok in zip(at, self._token_ids(texts) if texts else []):
+            out[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit}"}) if len(tok) > limit else tok
+        return out
+
+    def _run(self, items: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._search(items, level)
+
+    def _answers(self, items: list[list[int]], outputs: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+        scores, idx = outputs
+        return [{"results": [{"pid": self.pids[j], "score": round(float(v), 6)} for j, v in zip(irow, srow) if j >= 0]}
+                for srow, irow in zip(scores, idx)]
+
+    def _calibration_items(self, b: int) -> list[list[int]]:
+        return self._token_ids([CALIBRATION_QUERY] * b)
+
+
+CALIBRATION_PAIR = ("A man with a hard hat is dancing on the stage in front of a small crowd.",
+                    "A man wearing a hard hat is dancing.")  # a typical GLUE pair (~30 tokens together)
+
+
+def parse_pair(body: Any, needs_pair: bool) -> tuple[str, str | None]:
+    """(text, text_pair) of one classification request: a JSON object {"text": ..., "text_pair": ...}
+    (decoded, or as bytes); text_pair is required for sentence-pair tasks and refused otherwise.
+
+    Raises:
+        BadRequest: not a JSON object, a missing / non-string / empty field, a text_pair for a
+            single-sentence task, or more than MAX_QUERY_CHARS characters in a field.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadRequest('request body must be a JSON object {"text": ...' +
+                             (', "text_pair": ...}' if needs_pair else "}")) from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    names = ("text", "text_pair") if needs_pair else ("text",)
+    if not needs_pair and "text_pair" in body:
+        raise BadRequest("this task takes one sentence: drop text_pair")
+    out = []
+    for name in names:
+        v = body.get(name)
+        if not isinstance(v, str) or not v.strip():
+            raise BadRequest(f'"{name}" must be a non-empty string')
+        if len(v) > MAX_QUERY_CHARS:
+            raise BadRequest(f'"{name}" has {len(v)} characters, the limit is {MAX_QUERY_CHARS}')
+        out.append(v.strip())
+    return out[0], (out[1] if needs_pair else None)
+
+
+class ElasticClassifierServer(ElasticServer):
+    """ElasticLM fine-tuned on a GLUE task behind one worker (the same schedule as retrieval).
+
+    A request is {"text": ...} (SST-2) or {"text": ..., "text_pair": ...} (MRPC, STS-B, RTE); an
+    answer {"label": name, "probabilities": {name: p}} or, for STS-B, {"score": s}, plus
+    "truncated" (the input was cut to the task's max_length tokens), "level" and "queue_size".
+
+    Args:
+        model_dir: an ElasticLM GLUE model directory (config.json with finetuning_task,
+            model.safetensors, submap.json, tokenizer), as training/glue.py writes.
+        settings, max_batch, queue, max_batch_delay_ms: see ElasticServer.
+
+    Raises:
+        ValueError: config.json names no GLUE task (finetuning_task) or an unknown one, or a
+            pinned level the model does not have.
+    """
+
+    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+                 max_batch_delay_ms: float = 0.0):
+        from elastic.classifier import GlueModel
+        from elastic.glue import get_task
+
+        super().__init__(settings, max_batch, queue, max_batch_delay_ms)
+        d = Path(model_dir)
+        name = json.loads((d / "config.json").read_text()).get("finetuning_task")
+        if name is None:
+            raise ValueError(f"{d}/config.json: finetuning_task is missing (not a GLUE model from training/glue.py)")
+        self.task = get_task(name)
+        self.TASK = f"glue:{self.task.name}"
+        self.model = GlueModel(d, self.task)
+        self._ready()
+
+    @property
+    def levels(self) -> list[int]:
+        return self.model.levels
+
+    def _prepare(self, bodies: list[Any]) -> list[Any]:
+        out: list[Any] = [None] * len(bodies)
+        a, b, at = [], [], []
+        pair = self.task.text_b is not None
+        for i, body in enumerate(bodies):
+            try:
+                x, y = parse_pair(body, pair)
+                a.append(x)
+                b.append(y)
+                at.append(i)
+            except BadRequest as e:
+                out[i] = Result(400, {"error": str(e)})
+        if at:
+            full = self.model.tokenizer(a, b if pair else None, truncation=False)["input_ids"]
+            enc = self.model.tokenize(a, b if pair else None)
+            for j, i in enumerate(at):
+                out[i] = ({k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc},
+                          len(full[j]) > self.task.max_length)
+        return out
+
+    def _run(self, items: list[tuple[dict, bool]], level: int) -> torch.Tensor:
+        batch = dict(self.model.tokenizer.pad([f for f, _ in items], return_tensors="pt"))
+        with torch.inference_mode():
+            return self.model.logits(batch, level)  # (B, num_labels)
+
+    def _answers(self, items: list[tuple[dict, bool]], outputs: torch.Tensor) -> list[dict]:
+        t = self.task
+        if t.regression:
+            return [{"score": round(float(row[0]), 4), "truncated": cut} for row, (_, cut) in zip(outputs, items)]
+        probs = torch.softmax(outputs.float(), -1)
+        return [{"label": t.class_names[int(p.argmax())],
+                 "probabilities": {n: round(float(v), 6) for n, v in zip(t.class_names, p)}, "truncated": cut}
+                for p, (_, cut) in zip(probs, items)]
+
+    def _calibration_items(self, b: int) -> list[tuple[dict, bool]]:
+        body = {"text": CALIBRATION_PAIR[0]}
+        if self.task.text_b is not None:
+            body["text_pair"] = CALIBRATION_PAIR[1]
+        return [p for p in self._prepare([body] * b)]
+
+
+def server_for(model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+               max_batch_delay_ms: float = 0.0) -> ElasticServer:
+    """The task server of a model directory: retrieval when it holds index.faiss, GLUE
+    classification when its config.json names a finetuning_task.
+
+    Raises:
+        ValueError: the directory is neither (the message says what each needs).
+    """
+    d = Path(model_dir)
+    if (d / "index.faiss").exists():
+        return ElasticRetriever(d, settings, max_batch, queue, max_batch_delay_ms)
+    cfg = d / "config.json"
+    if cfg.exists() and "finetuning_task" in json.loads(cfg.read_text()):
+        return ElasticClassifierServer(d, settings, max_batch, queue, max_batch_delay_ms)
+    raise ValueError(f"{d}: neither a retrieval model (index.faiss) nor a GLUE model (config.json finetuning_task)")

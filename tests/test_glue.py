@@ -159,21 +159,27 @@ def test_teacher_with_other_label_count_is_refused(hf_classifier):
         GlueModel(hf_classifier[0], TASKS["STS-B"])
 
 
-def test_saved_then_sliced_equals_cut(hf_classifier, tmp_path):
-    """An elastic GLUE model at level p computes what its physically pruned copy computes."""
-    from training.prune import export_pruned
+@pytest.fixture(scope="module")
+def glue_elastic(hf_classifier, tmp_path_factory) -> Path:
+    """An elastic RTE model directory (levels 50/30/10, random expressive scores) as training/glue.py writes."""
     from elastic.encoder import ElasticEncoder
+    from training.prune import export_pruned
 
-    path, _ = hf_classifier
-    enc = ElasticEncoder(path)
-    g = torch.Generator().manual_seed(1)
-    export_pruned(enc, torch.rand(2, 4, generator=g), torch.rand(2, 37, generator=g), [50, 30, 10], tmp_path / "pruned")
-    model = GlueModel(tmp_path / "pruned", TASKS["RTE"], seed=3)
+    out = tmp_path_factory.mktemp("glue_elastic")
+    g = torch.Generator().manual_seed(2)
+    export_pruned(ElasticEncoder(hf_classifier[0]), torch.rand(2, 4, generator=g), torch.rand(2, 37, generator=g),
+                  [50, 30, 10], out / "pruned")
+    model = GlueModel(out / "pruned", TASKS["RTE"], seed=3)
     model.model.classifier.weight.data.normal_(0, 1.0)
-    model.save(tmp_path / "elastic")
-    elastic = GlueModel(tmp_path / "elastic", TASKS["RTE"])
-    assert json.loads((tmp_path / "elastic" / "config.json").read_text())["id2label"] == {"0": "entailment",
-                                                                                         "1": "not_entailment"}
+    model.save(out / "elastic")
+    return out / "elastic"
+
+
+def test_saved_then_sliced_equals_cut(glue_elastic, tmp_path):
+    """An elastic GLUE model at level p computes what its physically pruned copy computes."""
+    elastic = GlueModel(glue_elastic, TASKS["RTE"])
+    assert json.loads((glue_elastic / "config.json").read_text())["id2label"] == {"0": "entailment",
+                                                                                  "1": "not_entailment"}
     for level in (50, 10):
         elastic.cut(level, tmp_path / f"cut{level}")
         cut = GlueModel(tmp_path / f"cut{level}", TASKS["RTE"])
@@ -253,3 +259,49 @@ def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
     assert len(targets(rows, ["RTE", "STS-B"])) == 3  # the 50 % ratio line and two elastic-vs-static lines
     md = markdown(rows, extra, cfg, ["RTE", "STS-B"], "cmd", 1.0)
     assert "| static (w/o elasticity) | 20 % |" in md and "GLUE score" in md
+
+
+# --- serving: the same elastic schedule, a classification task ------------------------------------
+
+def test_classifier_server_answers_like_the_model(glue_elastic):
+    from elastic.service import ElasticClassifierServer, HandlerSettings, server_for
+
+    server = server_for(glue_elastic, HandlerSettings(latency_constraint_ms=1000.0, pin_level=30, calibration_repeats=2),
+                        max_batch=4)
+    assert isinstance(server, ElasticClassifierServer) and server.describe()["task"] == "glue:RTE"
+    long = "word " * 300
+    bodies = [{"text": PAIRS[0][0], "text_pair": PAIRS[1][0]}, {"text": "only one"}, b"not json",
+              {"text": long, "text_pair": "short."}]
+    out = server.handle_batch(bodies)
+    assert [r.status for r in out] == [200, 400, 400, 200]
+    assert out[1].payload == {"error": '"text_pair" must be a non-empty string'}
+    assert "JSON object" in out[2].payload["error"]
+    first = out[0].payload
+    assert first["level"] == 30 and first["truncated"] is False and out[3].payload["truncated"] is True
+    probs = torch.softmax(GlueModel(glue_elastic, TASKS["RTE"]).predict_logits([PAIRS[0][0]], [PAIRS[1][0]], 30), -1)[0]
+    assert first["probabilities"]["entailment"] == pytest.approx(float(probs[0]), abs=1e-5)
+    assert first["label"] == ("entailment" if probs[0] > probs[1] else "not_entailment")
+    assert out[0].headers["Server-Timing"].startswith("wait;dur=")
+
+
+def test_server_for_refuses_a_plain_checkpoint(tiny_dir):
+    from elastic.service import HandlerSettings, server_for
+
+    with pytest.raises(ValueError, match="neither a retrieval model"):
+        server_for(tiny_dir, HandlerSettings(latency_constraint_ms=50.0))
+
+
+def test_handler_serves_a_glue_model_over_mock_context(glue_elastic):
+    from handler.elastic_handler import ElasticDenserHandler
+    from test_service import MockContext
+
+    ctx = MockContext(glue_elastic, {"batchSize": 2, "handler": {"latency_constraint_ms": 500, "calibration_repeats": 2,
+                                                                 "management_address": "http://127.0.0.1:9"}})
+    h = ElasticDenserHandler()
+    h.initialize(ctx)
+    try:
+        out = h.handle([{"body": {"text": "A dog runs.", "text_pair": "An animal moves."}}, {"body": {"text": ""}}], ctx)
+        assert out[0]["level"] == 50 and set(out[0]["probabilities"]) == {"entailment", "not_entailment"}
+        assert ctx.statuses == {1: (400, '"text" must be a non-empty string')}
+    finally:
+        h.poller.stop()
