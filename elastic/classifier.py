@@ -131,10 +131,7 @@ class GlueModel:
         return list(self.submap.levels)
 
     def sublm(self, level: int) -> SubLM:
-        try:
-            return self.submap.levels[level]
-        except KeyError:
-            raise ValueError(f"level {level} is not in {self.model_dir}/submap.json (levels: {self.levels})") from None
+        return self.submap.sublm(level)
 
     def tokenize(self, text_a: list[str], text_b: list[str] | None) -> dict[str, list[list[int]]]:
         """Unpadded token ids (and segment ids) of examples, truncated to the task's max_length."""

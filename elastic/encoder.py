@@ -83,10 +83,7 @@ class ElasticEncoder:
         return list(self.submap.levels)
 
     def sublm(self, level: int) -> SubLM:
-        try:
-            return self.submap.levels[level]
-        except KeyError:
-            raise ValueError(f"level {level} is not in submap.json (levels: {self.levels})") from None
+        return self.submap.sublm(level)
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")

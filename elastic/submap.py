@@ -52,6 +52,13 @@ class Submap:
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"submap.json: encoder.pooling must be 'mean' or 'cls', got {self.pooling!r}")
 
+    def sublm(self, level: int) -> SubLM:
+        """The SubLM of ``level``. Raises ValueError naming the levels there are."""
+        try:
+            return self.levels[level]
+        except KeyError:
+            raise ValueError(f"level {level} is not in submap.json (levels: {list(self.levels)})") from None
+
     @property
     def largest(self) -> int:
         return next(iter(self.levels))

@@ -17,14 +17,15 @@ def teacher_dir() -> Path:
 
 
 def make_tiny_checkpoint(out: Path, seed: int = 0, layers: int = 2, hidden: int = 32, heads: int = 4,
-                         intermediate: int = 37) -> Path:
-    """A randomly initialised transformers BertModel saved as a local checkpoint directory."""
-    from transformers import BertConfig, BertModel
+                         intermediate: int = 37, num_labels: int | None = None) -> Path:
+    """A randomly initialised transformers BertModel saved as a local checkpoint directory; with
+    ``num_labels``, a BertForSequenceClassification (pooler and classifier included)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=intermediate, max_position_embeddings=128)
-    model = BertModel(cfg, add_pooling_layer=False).eval()
+                     intermediate_size=intermediate, max_position_embeddings=128, num_labels=num_labels or 2)
+    model = (BertForSequenceClassification(cfg) if num_labels else BertModel(cfg, add_pooling_layer=False)).eval()
     # random init gives near-identical heads; spread the weights so orderings matter
     with torch.no_grad():
         for p in model.parameters():

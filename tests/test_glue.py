@@ -2,7 +2,6 @@
 tiny end-to-end run (tiny odd-sized BERT, a few GLUE rows written by the test)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from elastic.glue import TASKS, get_task, predictions, read_glue, score
 from training.config import load_config
 from training.glue_loss import glue_loss, logit_kd, task_loss
 
-from conftest import TOKENIZER_FILES, make_tiny_checkpoint, teacher_dir
+from conftest import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,20 +125,10 @@ def test_glue_loss_mixes_task_and_kd():
 @pytest.fixture(scope="module")
 def hf_classifier(tmp_path_factory) -> tuple[Path, object]:
     """A tiny transformers BertForSequenceClassification (hidden 32, 4 heads, intermediate 37)."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    out = tmp_path_factory.mktemp("hfcls")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=37, max_position_embeddings=128, num_labels=2)
-    model = BertForSequenceClassification(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        shutil.copy(teacher_dir() / f, out / f)
-    return out, model
+    out = make_tiny_checkpoint(tmp_path_factory.mktemp("hfcls"), num_labels=2)
+    return out, BertForSequenceClassification.from_pretrained(out).eval()
 
 
 PAIRS = (["A man plays a guitar.", "Two dogs run in the park on a sunny day."], ["Someone plays music.", "Dogs run."])
