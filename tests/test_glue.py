@@ -294,3 +294,25 @@ def test_handler_serves_a_glue_model_over_mock_context(glue_elastic):
         assert ctx.statuses == {1: (400, '"text" must be a non-empty string')}
     finally:
         h.poller.stop()
+
+
+def test_relation_scores_rank_every_layer_and_zero_a_unit_without_effect(tiny_dir):
+    """Task-agnostic expressive scores (|∂L_ALN/∂gate|): a head or neuron that writes nothing
+    scores 0, the others > 0, in every layer, including the last (the relation loss reads the
+    last layer's output through the additional MHA block)."""
+    from elastic.encoder import ElasticEncoder
+    from training.importance import relation_scores
+
+    enc = ElasticEncoder(tiny_dir)
+    d_head = enc.dims.hidden_size // enc.dims.num_attention_heads
+    with torch.no_grad():  # head 1 of layer 1 and neuron 7 of layer 0 write nothing
+        enc.model.encoder.layer[1].attention.output.dense.weight[:, d_head:2 * d_head] = 0
+        enc.model.encoder.layer[0].output.dense.weight[:, 7] = 0
+    texts = [["the cat sat on the mat", "a bank is a financial institution"], ["rivers flow to the sea"]]
+    hs, ns = relation_scores(enc, texts, 32, 4)
+    assert hs.shape == (2, 4) and ns.shape == (2, 37)
+    assert torch.allclose(hs.norm(dim=1), torch.ones(2)) and torch.allclose(ns.norm(dim=1), torch.ones(2))
+    assert hs[1, 1] == 0 and ns[0, 7] == 0
+    assert (hs[:, [0, 2, 3]] > 0).all() and (ns[1] > 0).all()
+    with pytest.raises(ValueError, match="at least one batch"):
+        relation_scores(enc, [], 32, 4)
