@@ -121,7 +121,6 @@ class GlueModel:
                 if f"{name}.weight" in raw:
                     dst.weight.copy_(raw[f"{name}.weight"])
                     dst.bias.copy_(raw[f"{name}.bias"])
-        self.has_head = has_head
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
 
