@@ -112,7 +112,7 @@ class GlueModel:
         torch.manual_seed(seed)
         self.model = ElasticClassifier(self.dims, self.submap.levels[self.submap.largest], task.num_labels, dropout)
         try:
-            load_state(d / "model.safetensors", self.model.bert)
+            load_state(d / "model.safetensors", self.model.bert, raw)
         except ValueError as e:
             raise ValueError(f"{d}: the weights do not match the stored layout: {e}") from None
         with torch.no_grad():

@@ -700,11 +700,14 @@ class ElasticClassifierServer(ElasticServer):
             except BadRequest as e:
                 out[i] = Result(400, {"error": str(e)})
         if at:
-            full = self.model.tokenizer(a, b if pair else None, truncation=False)["input_ids"]
-            enc = self.model.tokenize(a, b if pair else None)
+            keys = ("input_ids", "attention_mask", "token_type_ids")
+            enc = self.model.tokenizer(a, b if pair else None, truncation=False)  # one call per batch
+            long = [j for j in range(len(at)) if len(enc["input_ids"][j]) > self.task.max_length]
+            cut = self.model.tokenize([a[j] for j in long], [b[j] for j in long] if pair else None) if long else None
+            row_in_cut = {j: r for r, j in enumerate(long)}  # over-long requests: their truncated encoding
             for j, i in enumerate(at):
-                out[i] = ({k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc},
-                          len(full[j]) > self.task.max_length)
+                src, row = (cut, row_in_cut[j]) if j in row_in_cut else (enc, j)
+                out[i] = ({k: src[k][row] for k in keys if k in src}, j in row_in_cut)
         return out
 
     def _run(self, items: list[tuple[dict, bool]], level: int) -> torch.Tensor:

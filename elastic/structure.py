@@ -351,11 +351,12 @@ def gflops(dims: BertDims, sublm: SubLM, seq_len: int = 128) -> float:
     return flops / 1e9
 
 
-def load_state(path: Path, model: ElasticBert) -> None:
+def load_state(path: Path, model: ElasticBert, raw: dict[str, torch.Tensor] | None = None) -> None:
     """Load a safetensors BERT state dict into ``model``.
 
     Accepts transformers' BertModel names, with or without a ``bert.`` prefix; ignores keys the
-    encoder does not use (pooler, MLM head, ``embeddings.position_ids``).
+    encoder does not use (pooler, MLM head, ``embeddings.position_ids``). ``raw``: the file's
+    tensors when the caller has read them already (``path`` then only names them in errors).
 
     Raises:
         ValueError: a weight is missing or its shape differs from the model's layout; the
@@ -363,7 +364,8 @@ def load_state(path: Path, model: ElasticBert) -> None:
     """
     from safetensors.torch import load_file
 
-    raw = load_file(str(path))
+    if raw is None:
+        raw = load_file(str(path))
     if any(k.startswith("bert.") for k in raw):
         raw = {k[len("bert."):]: v for k, v in raw.items() if k.startswith("bert.")}
     own = model.state_dict()

@@ -171,11 +171,10 @@ def teacher_logits(cfg: RecipeConfig, task: GlueTask, teacher_dir: Path, train: 
     return logits
 
 
-def with_head(cfg: RecipeConfig, init: Path, task: GlueTask, teacher_dir: Path) -> GlueModel:
+def with_head(cfg: RecipeConfig, init: Path, task: GlueTask, teacher: GlueModel) -> GlueModel:
     """The model directory ``init`` (a distilled ElasticLM, no classifier) with the pooler and
     classifier of the task's teacher."""
     model = GlueModel(init, task, cfg.glue.dropout, cfg.glue.seed)
-    teacher = GlueModel(teacher_dir, task)
     model.model.pooler.load_state_dict(teacher.model.pooler.state_dict())
     model.model.classifier.load_state_dict(teacher.model.classifier.state_dict())
     return model
@@ -215,15 +214,16 @@ def run(cfg: RecipeConfig) -> None:
         root = cfg.run / "glue" / name
         tdir = teacher_for(cfg, task, train)
         soft = teacher_logits(cfg, task, tdir, train, root / "teacher_train_logits.pt")
+        teacher = GlueModel(tdir, task)  # its pooler and classifier start every student of the task
         init = cfg.task_init(cfg.run)
-        elastic = with_head(cfg, init, task, tdir)
+        elastic = with_head(cfg, init, task, teacher)
         finetune(cfg, elastic, train, soft, elastic.levels, cfg.glue.epochs,
                  cfg.glue.lr, root / "elastic", root / "checkpoints" / "elastic",
                  _stage_key(cfg, task, "elastic", init, tdir), f"{name} elastic")
         if cfg.static.enabled:
             for level in static_levels(cfg):
                 sinit = cfg.task_init(cfg.run / "static" / str(level))
-                finetune(cfg, with_head(cfg, sinit, task, tdir), train, soft, [level], cfg.glue.epochs, cfg.glue.lr,
+                finetune(cfg, with_head(cfg, sinit, task, teacher), train, soft, [level], cfg.glue.epochs, cfg.glue.lr,
                          root / "static" / str(level), root / "checkpoints" / "static" / str(level),
                          _stage_key(cfg, task, "static", sinit, tdir), f"{name} static {level}%")
     print(f"[glue] every stage done in {time.time() - t0:.0f} s", flush=True)
