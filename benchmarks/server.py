@@ -53,12 +53,39 @@ class TorchServe:
     def start(self, cpus: str | None = None) -> None:
         models = " ".join(f"{k}={v}" for k, v in self.models.items())
         rc = self._ts("--start", "--ncs", "--ts-config", str(self.ts_config), "--model-store", str(self.model_store),
-                      "--models", models, "--log-config", str(ROOT / "log4j2.xml"), cpus=cpus)
+                      *(["--models", models] if models else []), "--log-config", str(ROOT / "log4j2.xml"), cpus=cpus)
         if rc != 0:
             raise RuntimeError(f"torchserve --start exited {rc}; see {self.work_dir / 'logs' / 'launcher.log'}")
 
     def stop(self) -> None:
         self._ts("--stop")
+
+    def wait_up(self, timeout_s: float = 60) -> None:
+        """Block until the management API answers (a start without models has no worker to wait on)."""
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            try:
+                with urllib.request.urlopen(f"{self.management}/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"TorchServe's management API {self.management} not up after {timeout_s:.0f} s")
+
+    def register(self, name: str, url: str, timeout_s: float = 300) -> None:
+        """Register ``url`` (a .mar or model directory in the model store) as ``name`` with one
+        worker and wait until it is READY (TorchServe management API, ``synchronous=true``). One at
+        a time, so that a worker's start-up (calibration) does not share the core with another's."""
+        import urllib.parse
+
+        q = urllib.parse.urlencode({"url": url, "model_name": name, "initial_workers": 1, "synchronous": "true"})
+        req = urllib.request.Request(f"{self.management}/models?{q}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s):
+                pass
+        except OSError as e:
+            body = e.read().decode(errors="replace")[:500] if hasattr(e, "read") else ""
+            raise RuntimeError(f"registering {name} ({url}) failed: {e} {body}") from None
+        self.wait_ready(name, timeout_s)
 
     def model_status(self, name: str) -> list | None:
         try:

@@ -12,11 +12,12 @@ Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_ba
 - noop: benchmarks/noop_handler.py, no model: the ceiling of the serving stack (independent of T,
   so one run per rate is scored against every T).
 
-For each server and T, the rates run in ascending order, each a warm-up then a measured window,
-Locust (benchmarks/openloop.py) pinned to CPU 1 and TorchServe to CPU 0. A server's sweep stops
-after the first rate where within_T < --stop-below (it has collapsed; higher rates are not run).
-Then the rate of its capacity (the highest with within_T >= 0.99) and the next one are run
---repeats times in all, for the constraints in --repeat-T.
+All servers are registered side by side in one TorchServe on CPU 0 (``interleaved``); the rates
+run in ascending order, and at each rate every server in turn (a rotating order), each run a
+warm-up then a measured window of Locust (benchmarks/openloop.py) pinned to CPU 1. A server
+leaves the sweep after the first rate where within_T < --stop-below (it has collapsed). Then the
+rate of each server's capacity (the highest with within_T >= 0.99) and the next one are run
+--repeats times in all, for the constraints in --repeat-T, interleaved the same way.
 
 Writes into --out:
 - slo.json: one row per run with exactly the keys of ``ROW_KEYS``;
@@ -180,6 +181,91 @@ def sweep(cfg: RecipeConfig, server: Server, model_dir: str, store: Path, work: 
     return rows
 
 
+def rotated(xs: list, k: int) -> list:
+    """``xs`` started at its element k (mod len): the order of the servers at the k-th rate."""
+    return xs[k % len(xs):] + xs[:k % len(xs)] if xs else list(xs)
+
+
+def repeat_points(ran: dict[Server, list[tuple[float, float]]], repeat_T: list[float]) -> dict[Server, set[float]]:
+    """The rates to run again per server: its capacity (the highest rate of pass 1 with within_T
+    >= 0.99, else its lowest rate) and the next rate it ran. ``ran``: per server, (rate, within_T
+    at its own T) of pass 1 in ascending rate; servers with a T not in ``repeat_T`` are left out
+    (noop, whose T is None, always counts)."""
+    points: dict[Server, set[float]] = {}
+    for spec, done in ran.items():
+        if not done or (spec.T_ms is not None and spec.T_ms not in repeat_T):
+            continue
+        held = [rate for rate, w in done if w >= 0.99]
+        cap = max(held) if held else done[0][0]
+        points[spec] = {cap, *[rate for rate, _ in done if rate > cap][:1]}
+    return points
+
+
+def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path, a, qrels: dict) -> list[dict]:
+    """Every server of ``specs`` side by side: one TorchServe on CPU 0 with each server registered
+    as its own model (one worker each, registered one after another so no calibration shares the
+    core), then for each rate every server in turn, the order rotating from rate to rate. The
+    machine is shared and its speed drifts over minutes; running the servers of a rate back to
+    back lets that drift fall on all of them alike, where one server's whole sweep after another's
+    would compare different minutes.
+
+    Pass 1 runs every rate for every server, leaving out a server's rates after the first where its
+    within_T (at its own T; noop at the first T) fell below --stop-below. Passes 2..--repeats run
+    again, for each server, the rate of its capacity (the highest with within_T >= 0.99) and the
+    next rate it ran, interleaved the same way. Rows for noop are scored at every T of ``a.T``.
+    """
+    host = f"http://127.0.0.1:{cfg.serve.inference_port}"
+    queries = a.queries or cfg.data.dev_queries
+    # TorchServe's own folder (logs, tmp, its working directory) is apart from the servers' result
+    # folders: it resolves a registered url against its working directory before the model store,
+    # and a result folder named like a model would shadow it
+    ts = TorchServe(ROOT / "config.properties", store, {}, work / "torchserve",
+                    f"http://127.0.0.1:{cfg.serve.management_port}")
+    rows: list[dict] = []
+    ts.start(cpus="0")
+    try:
+        ts.wait_up()
+        for spec in specs:
+            ts.register(spec.name, spec.name)
+            print(f"[slo] registered {spec.name}", flush=True)
+            if spec.kind != "noop":
+                (work / spec.name).mkdir(parents=True, exist_ok=True)
+                (work / spec.name / "describe.json").write_text(json.dumps(ts.describe(spec.name), indent=1))
+
+        def one(spec: Server, rate: float, rep: int) -> list[dict]:
+            (work / spec.name).mkdir(parents=True, exist_ok=True)
+            raw = work / spec.name / f"raw-{rate:g}-{rep}.jsonl"
+            recs = run_rate(host, spec.name, queries, rate, a, raw)
+            Ts = a.T if spec.T_ms is None else [spec.T_ms]
+            out = [score(recs, T, a.duration_s, qrels, spec, rate) for T in Ts]
+            for r in out:
+                print(f"[slo] {spec.name:>22} T={r['T_ms']:>4g} rate={rate:>5g} pass={rep + 1} within_T={r['within_T']} "
+                      f"shed={r['shed']} p99={r['p99_ms']} eff_mrr={r['effective_mrr_at_10']} "
+                      f"level={r['mean_level']}", flush=True)
+            rows.extend(out)
+            (a.out / "slo.json").write_text(json.dumps(a.prior + rows, indent=1) + "\n")  # partial results survive a stop
+            return out
+
+        ran: dict[Server, list[tuple[float, float]]] = {spec: [] for spec in specs}  # (rate, within_T at its main T)
+        for i, rate in enumerate(a.rates):
+            for spec in rotated([sp for sp in specs if not any(w < a.stop_below for _, w in ran[sp])], i):
+                out = one(spec, rate, 0)
+                main_T = a.T[0] if spec.T_ms is None else spec.T_ms
+                ran[spec].append((rate, next(r["within_T"] for r in out if r["T_ms"] == main_T)))
+        points = repeat_points(ran, a.repeat_T)
+        for rep in range(1, a.repeats):
+            for i, rate in enumerate(a.rates):
+                for spec in rotated([sp for sp in specs if rate in points.get(sp, ())], i + rep):
+                    one(spec, rate, rep)
+        for spec in specs:  # the schedule's learned state (o, c) and counters after the runs
+            if spec.kind != "noop":
+                (work / spec.name / "describe_end.json").write_text(json.dumps(ts.describe(spec.name), indent=1))
+    finally:
+        ts.stop()
+        time.sleep(1.0)
+    return rows
+
+
 def sustainable(rows: list[dict], server: str, level, T: float) -> float | None:
     """Highest rate at which every run of (server, level, T) had within_T >= 0.99."""
     by_rate: dict[float, list[float]] = {}
@@ -309,21 +395,22 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = json.loads((a.out / "slo.json").read_text()) if a.append and (a.out / "slo.json").exists() else []
     t0 = time.time()
-    if "noop" in a.servers:
-        rows += sweep(cfg, Server("noop"), "noop", store, work, a, qrels, a.T)
+    extra = {"worker_nice": a.worker_nice} if a.worker_nice is not None else {}
+    extra.update(a.handler)
+    specs = [Server("noop")] if "noop" in a.servers else []
     for T in a.T:
-        specs = [Server(k, None, T) for k in ("elastic", "elastic-paper") if k in a.servers]
+        specs += [Server(k, None, T) for k in ("elastic", "elastic-paper") if k in a.servers]
         if "static" in a.servers:
             specs += [Server("static", lv, T) for lv in a.static_levels]
-        for spec in specs:
-            extra = {"worker_nice": a.worker_nice} if a.worker_nice is not None else {}
-            extra.update(a.handler)
+    for spec in specs:
+        if spec.kind != "noop":
             model_variant(base, store, spec.name, {**spec.handler_settings(), **extra})
-            rows += sweep(cfg, spec, spec.name, store, work, a, qrels, [T])
-            (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")  # partial results survive a stop
+    a.prior = rows
+    rows = rows + interleaved(cfg, specs, store, work, a, qrels)
     (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")
-    how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: TorchServe (frontend and "
-           f"worker) on CPU 0, Locust open-loop Poisson arrivals on CPU 1; batchSize {s.batch_size}, maxBatchDelay "
+    how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: one TorchServe (frontend and "
+           f"a worker per server) on CPU 0, the servers interleaved at each rate, Locust open-loop Poisson arrivals "
+           f"on CPU 1; worker nice {extra.get('worker_nice', cfg.serve.worker_nice)}; batchSize {s.batch_size}, maxBatchDelay "
            f"{s.max_batch_delay_ms} ms; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
            f"{(time.time() - t0) / 60:.0f} min in all. Static servers pin one level and shed like elastic; "
            "elastic-paper is the paper's rule serving late requests; noop has no model (one run scored at every T).")

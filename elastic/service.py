@@ -36,7 +36,7 @@ import torch
 
 from elastic.encoder import ElasticEncoder
 from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
-                              parse_request_start, plan_batch)
+                              monotone_calibration, parse_request_start, plan_batch)
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,13 @@ class HandlerSettings:
             "serve" (computed however late).
         pin_level: serve every batch with this preserving level (percent): a static baseline
             on the same serving stack. Empty = elastic.
-        max_utilization: ρ_max of the deadline rule: at the arrival rate the worker sees, the
-            chosen SubLM may fill at most this share of its time (headroom for bursts).
-        deadline_quantile: the quantile of observed / predicted processing time (c, over the
-            last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher budgets
-            for more of the tail, but a rush's slow batches then hold the level down for longer
-            after it (0.99 is about the largest ratio of the window).
+        max_utilization: ρ_max of the deadline rule's rate bound: at the arrival rate the worker
+            sees, the chosen SubLM may fill at most this share of its time (headroom for bursts).
+        deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
+            level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
+            budgets for more of the tail, but a rush's slow batches then hold the level down for
+            longer after it (0.99 is about the largest ratio of the window). 0.98 by the probes
+            in README "Under load" (0.9 and 0.95 left 1-2 % of requests past T at 100-300 req/s).
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
@@ -87,7 +88,7 @@ class HandlerSettings:
     late_requests: str = "shed"
     pin_level: Optional[int] = None
     max_utilization: float = 0.7
-    deadline_quantile: float = 0.9
+    deadline_quantile: float = 0.98
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
     request_start_max_age_ms: float = 60_000.0
@@ -343,10 +344,13 @@ class ElasticServer:
             raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of submap.json {self.levels}")
         self.calibration = self.calibrate()
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
-        self.correction = LatencyCorrection(quantile=s.deadline_quantile)  # c: observed / predicted time
+        self.correction = LatencyCorrection(quantile=s.deadline_quantile)  # c: observed / predicted time, all levels
+        # c_k per level; a level with fewer than LEVEL_MIN_BATCHES batches borrows the all-level c
+        self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile) for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}
+        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0}  # batches held below the largest level
         self._last_end: float | None = None
         self._last_waiting = False
 
@@ -384,23 +388,37 @@ class ElasticServer:
 
     def calibrate(self) -> Calibration:
         """Median milliseconds of the task's model path (``_run``) per level and batch size, on
-        typical items (paper §4.3: t_k is measured, not assumed)."""
+        typical items (paper §4.3: t_k is measured, not assumed).
+
+        The cells are timed in rounds, each round once through every (level, batch size), so a
+        noisy stretch of this shared machine falls on all cells alike instead of on the few timed
+        while it lasted; the medians are then made non-decreasing in level and batch size
+        (``monotone_calibration``)."""
         sizes = self._batch_sizes()
-        ms = {}
-        for level in self.levels:
-            times = []
-            for b in sizes:
-                items = self._calibration_items(b)
-                for _ in range(3):
-                    self._run(items, level)  # warm-up
-                runs = []
-                for _ in range(self.settings.calibration_repeats):
-                    t0 = time.perf_counter()
-                    self._run(items, level)
-                    runs.append((time.perf_counter() - t0) * 1000)
-                times.append(statistics.median(runs))
-            ms[level] = tuple(times)
-        return Calibration(sizes, ms)
+        items = {b: self._calibration_items(b) for b in sizes}
+        cells = [(level, b) for level in self.levels for b in sizes]
+        for level, b in cells:
+            for _ in range(3):
+                self._run(items[b], level)  # warm-up
+        runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+        for _ in range(self.settings.calibration_repeats):
+            for level, b in cells:
+                t0 = time.perf_counter()
+                self._run(items[b], level)
+                runs[(level, b)].append((time.perf_counter() - t0) * 1000)
+        ms = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
+        return monotone_calibration(sizes, ms)
+
+    LEVEL_MIN_BATCHES = 20  # batches a level's own correction needs before it replaces the all-level one
+
+    def _corrections(self) -> tuple[dict[int, float], dict[int, float]]:
+        """(c_k, c̄_k) per level for plan_batch: the level's own ratio once it has served
+        LEVEL_MIN_BATCHES batches in its window, else the ratio over all levels."""
+        c, cm = {}, {}
+        for k, own in self.level_correction.items():
+            src = own if own.count >= self.LEVEL_MIN_BATCHES else self.correction
+            c[k], cm[k] = src.value, src.mean
+        return c, cm
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
     OVERHEAD_CAP_MS = 100.0  # a longer gap is not overhead (e.g. a GC pause): ignored
@@ -480,10 +498,13 @@ class ElasticServer:
         if items:
             s = self.settings
             ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
+            c, cm = self._corrections()
             plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
-                              self.correction.value, s.schedule, s.late_requests, s.pin_level,
-                              self._arrival_rate(start, n), s.max_utilization, self.correction.mean)
+                              c, s.schedule, s.late_requests, s.pin_level, self._arrival_rate(start, n),
+                              s.max_utilization, cm)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
+            for name in plan.limited_by:
+                self.limited_by[name] += 1
             for k, ok in enumerate(plan.serve):
                 if not ok:
                     results[where[k]] = Result(503, {"error": f"shed: cannot be answered within T = "
@@ -496,7 +517,9 @@ class ElasticServer:
                 outputs = self._run(kept, plan.level)
                 t1 = time.perf_counter()
                 model_ms = (t1 - t0) * 1000
-                self.correction.observe(self.calibration.t(plan.level, len(keep)), model_ms)
+                predicted = self.calibration.t(plan.level, len(keep))
+                self.correction.observe(predicted, model_ms)
+                self.level_correction[plan.level].observe(predicted, model_ms)
                 # W3C Server-Timing: the request's age when its batch began (the schedule's input),
                 # what the batch spent in the model and in the whole handler so far, so a client
                 # can tell waiting, the model and the serving stack apart
@@ -529,9 +552,12 @@ class ElasticServer:
             "max_batch_delay_ms": self.max_batch_delay_ms,
             "correction": round(self.correction.value, 3),
             "mean_correction": round(self.correction.mean, 3),
+            "level_corrections": {str(k): {"c": round(lc.value, 3), "mean": round(lc.mean, 3), "batches": lc.count}
+                                  for k, lc in self.level_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
+            "limited_by": dict(self.limited_by),
         }
 
 

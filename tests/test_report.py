@@ -81,3 +81,20 @@ def test_rush_rows_count_late_and_shed_requests_as_zero(tmp_path):
     assert (r["requests"], r["ok"], r["shed"]) == (4, 3, 1)
     assert r["within_T"] == 0.5 and r["mrr_at_10"] == 0.75
     assert r["effective_mrr_at_10"] == round(1.0 / 3, 4) and r["mean_level"] == 35.0
+
+
+def test_slo_interleaving_rotates_servers_and_repeats_each_capacity_point():
+    from benchmarks.slo import Server, repeat_points, rotated
+
+    servers = ["a", "b", "c"]
+    assert [rotated(servers, k) for k in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                        ["a", "b", "c"]]
+    assert rotated([], 2) == []
+    elastic, static, noop, other_T = (Server("elastic", None, 50.0), Server("static", 5, 50.0), Server("noop"),
+                                      Server("elastic", None, 25.0))
+    ran = {elastic: [(100.0, 1.0), (200.0, 0.995), (300.0, 0.97), (400.0, 0.9)],
+           static: [(100.0, 0.98), (200.0, 0.4)],  # never held: its lowest rate and the next
+           noop: [(100.0, 1.0), (200.0, 1.0)],  # held everywhere: only the last rate
+           other_T: [(100.0, 1.0), (200.0, 0.5)]}
+    points = repeat_points(ran, [50.0])
+    assert points == {elastic: {200.0, 300.0}, static: {100.0, 200.0}, noop: {200.0}}

@@ -175,18 +175,44 @@ def test_absurd_request_start_is_none(value):
     assert parse_request_start(value, now_epoch_s=NOW, max_age_ms=60_000) is None
 
 
-def test_utilization_bound_keeps_up_with_the_arrival_rate():
+def test_rate_bound_keeps_up_with_the_arrival_rate():
     cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 5: (2.0, 6.0)})
     # o = 2: per request at a full batch 50% costs 20/8 = 2.5 ms, 20% 1.5 ms, 5% 1 ms.
-    # rho_max = 0.7 -> 50% up to 280 req/s, 20% up to 466, then 5%
+    # rho_max = 0.7 -> 50% keeps up to 280 req/s, 20% up to 466, then 5%; T = 100 leaves every
+    # cycle within T/2
     levels = [plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=r, max_utilization=0.7).level
               for r in (100, 280, 281, 466, 467, 2000)]
     assert levels == [50, 50, 20, 20, 5, 5]
+    plan = plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=2000, max_utilization=0.7)
+    assert plan.limited_by == ("rate",)  # not even 5 % keeps up with 2000 req/s
     # the paper's rule knows nothing of the rate
     assert plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=2000, max_utilization=0.7,
                       rule="paper").level == 50
     with pytest.raises(ValueError, match="max_utilization in \\(0, 1\\]"):
         plan_batch([0.0], 0, 100.0, cal, 8, max_utilization=0.0)
+
+
+def test_rate_bound_needs_the_settled_cycle_within_half_of_T():
+    from elastic.schedule import steady_cycle_ms
+
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 5: (2.0, 6.0)})
+    # 50% at 280 req/s settles at full batches: a cycle of 18 + 2 = 20 ms; 20% at b = 3
+    # (t = 3 + 7 * 2 / 7 = 5 ms, 280 * 7 ms = 1.96 requests per cycle <= 0.7 * 3)
+    assert steady_cycle_ms(280, cal, 50, 8, 2.0, 1.0, 0.7) == pytest.approx(20.0)
+    assert steady_cycle_ms(280, cal, 20, 8, 2.0, 1.0, 0.7) == pytest.approx(7.0)
+    assert steady_cycle_ms(100, cal, 50, 8, 2.0, 1.0, 0.7) == pytest.approx(7.0)  # b = 1: 100 * 7 ms = 0.7
+    assert steady_cycle_ms(281, cal, 50, 8, 2.0, 1.0, 0.7) is None
+    assert steady_cycle_ms(281, cal, 50, 8, 2.0, 1.0, 0.8) is not None  # more headroom allowed
+    # T = 35: 50%'s 20-ms cycle at 280 req/s would leave a request up to 2 * 20 = 40 ms: 20% serves
+    plan = plan_batch([0.0], 0, 35.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=280, max_utilization=0.7)
+    assert plan.level == 20 and plan.limited_by == ("rate",)
+    assert plan_batch([0.0], 0, 35.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=100, max_utilization=0.7).level == 50
+    # the correction lengthens the cycle: c_mean = 2 at 100 req/s settles 50% at b = 3, 2 * 8.71 + 2 > 35 / 2
+    plan = plan_batch([0.0], 0, 35.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=100, max_utilization=0.7,
+                      correction=2.0, mean_correction=2.0)
+    assert plan.level == 20 and "rate" in plan.limited_by
+    # a level that meets every bound has nothing to report
+    assert plan_batch([0.0], 0, 100.0, cal, 8, arrival_rate_rps=10).limited_by == ()
 
 
 def test_tail_correction_for_own_deadline_mean_for_the_rest():
@@ -198,3 +224,34 @@ def test_tail_correction_for_own_deadline_mean_for_the_rest():
     # the queue bound uses the mean: g = 4 at 50%: 5 * 10 <= 50 holds with c_mean = 1
     assert plan_batch([0.0], 4, 50.0, CAL, 1, correction=1.5, mean_correction=1.0).level == 50
     assert plan_batch([0.0], 4, 50.0, CAL, 1, correction=1.0, mean_correction=1.5).level == 30
+
+
+def test_monotone_calibration_smooths_a_noisy_cell_and_keeps_an_ordered_table():
+    from elastic.schedule import monotone_calibration
+
+    ordered = {5: (2.0, 3.0), 10: (3.0, 4.0), 20: (4.0, 6.0)}
+    assert monotone_calibration((1, 8), ordered).ms == ordered  # already monotone: unchanged
+    # level 20 at b=8 read 14.7 ms beside level 30's 15.1 and level 15's 8.3 (seen on this machine)
+    noisy = {15: (3.3, 8.3), 20: (4.5, 14.7), 30: (4.6, 12.0), 50: (5.1, 17.5)}
+    cal = monotone_calibration((1, 8), noisy)
+    assert cal.ms[20][1] == pytest.approx((14.7 + 12.0) / 2) == cal.ms[30][1]  # pooled, not left above level 30
+    assert cal.ms[15] == (3.3, 8.3) and cal.ms[50] == (5.1, 17.5)
+    # a time that falls with the batch size is raised to the smaller batch's
+    assert monotone_calibration((1, 2, 4), {5: (3.0, 2.5, 4.0)}).ms == {5: (3.0, 3.0, 4.0)}
+    for b in (0, 1):
+        times = [cal.ms[k][b] for k in sorted(cal.ms)]
+        assert times == sorted(times)
+
+
+def test_correction_per_level():
+    # age 25, T = 50: 50% needs c_50 * 10 <= 25 - o/2 (o = 0)
+    assert plan_batch([25.0], 0, 50.0, CAL, 1, correction={50: 2.0, 30: 1.0, 10: 1.0}).level == 50
+    plan = plan_batch([25.0], 0, 50.0, CAL, 1, correction={50: 3.0, 30: 1.0, 10: 1.0})
+    assert plan.level == 30 and plan.predicted_ms == 6.0 and plan.limited_by == ("deadline",)
+    # the mean per level drives shedding at the smallest level: 47 + c̄_10 * 2 > 50 sheds
+    assert plan_batch([47.0], 0, 50.0, CAL, 1, correction=1.0, mean_correction={50: 1.0, 30: 1.0, 10: 2.0}).serve \
+        == (False,)
+    with pytest.raises(ValueError, match=r"correction: levels \[50\] do not match the calibrated levels \[10, 30, 50\]"):
+        plan_batch([0.0], 0, 50.0, CAL, 1, correction={50: 1.0})
+    with pytest.raises(ValueError, match="mean_correction must be > 0"):
+        plan_batch([0.0], 0, 50.0, CAL, 1, mean_correction={50: 1.0, 30: 0.0, 10: 1.0})

@@ -104,6 +104,7 @@ def fix_schedule_inputs(monkeypatch, retriever, cal):
     the module fixture's learned state."""
     monkeypatch.setattr(retriever, "calibration", cal)
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))
+    monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
     monkeypatch.setattr(retriever, "overhead_ms", 0.0)
     monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
 
@@ -126,6 +127,21 @@ def test_level_follows_queue_size(retriever, monkeypatch):
         assert retriever.queue.queue_size == 0 and retriever.queue.polls == polls
     finally:
         retriever.queue.queue_size = 0
+
+
+def test_a_level_uses_its_own_correction_once_it_has_served_enough_batches(retriever, monkeypatch):
+    levels = retriever.levels
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection())
+    monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection() for k in levels})
+    small, large = levels[-1], levels[0]
+    for _ in range(retriever.LEVEL_MIN_BATCHES - 1):
+        retriever.correction.observe(10.0, 15.0)  # all levels: 1.5
+        retriever.level_correction[small].observe(10.0, 20.0)  # the small level alone: 2.0
+    c, cm = retriever._corrections()
+    assert c[small] == 1.5 and cm[small] == pytest.approx(1.5)  # too few batches of its own: the all-level ratio
+    retriever.level_correction[small].observe(10.0, 20.0)
+    c, cm = retriever._corrections()
+    assert c[small] == 2.0 and cm[small] == pytest.approx(2.0) and c[large] == 1.5
 
 
 def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
