@@ -106,6 +106,18 @@ class TorchServe:
         tail = log.read_text()[-3000:] if log.exists() else "(no model_log.log)"
         raise TimeoutError(f"model {name} not READY after {timeout_s:.0f} s; model_log tail:\n{tail}")
 
+    def wait_drained(self, name: str, timeout_s: float = 120) -> float:
+        """Block until model ``name`` has no request waiting (``jobQueueStatus.pendingRequests``
+        of the management API is 0); returns the seconds waited. A load generator that stops
+        leaves what it sent behind, and the next run must not share the worker with it."""
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            st = self.model_status(name)
+            if st and int(st[0].get("jobQueueStatus", {}).get("pendingRequests", 0)) == 0:
+                return time.time() - t0
+            time.sleep(0.5)
+        raise TimeoutError(f"model {name} still has requests waiting after {timeout_s:.0f} s")
+
     def describe(self, name: str) -> dict:
         """The handler's describe_handle() (calibrated t_k, T, levels)."""
         with urllib.request.urlopen(f"{self.management}/models/{name}?customized=true", timeout=10) as resp:
