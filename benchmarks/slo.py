@@ -385,7 +385,13 @@ def main() -> None:
                     help="extra handler settings of every model server, e.g. max_utilization=0.9 (elastic/service.py)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
+    ap.add_argument("--report-only", metavar="HOW", help="write slo.md and the plots from --out/slo.json as it is "
+                                                         "(e.g. after a stopped run), HOW being the line on how it ran")
     a = ap.parse_args()
+    if a.report_only:
+        write_report(json.loads((a.out / "slo.json").read_text()), a.out, {"how": a.report_only})
+        print(f"[slo] wrote {a.out / 'slo.md'} and plots from {a.out / 'slo.json'}", flush=True)
+        return
     a.handler = dict(a.handler)
     if sorted(a.rates) != list(a.rates) or min(a.rates) <= 0:
         raise SystemExit("--rates: expected positive rates in ascending order")
