@@ -1,6 +1,6 @@
 """Open-loop SLO benchmark: every server at fixed Poisson rates and latency constraints T.
 
-    python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 25 50 100 200 300 400 500]
+    python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 50 100 200 300 400]
         [--servers elastic elastic-paper static noop] [--static-levels 50 30 20 10 5]
         [--duration-s 30] [--warmup-s 5] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
         [--worker-nice -10] [--handler max_utilization=0.9 ...]
