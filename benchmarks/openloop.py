@@ -8,8 +8,8 @@ fixed rate, whether or not earlier ones were answered (no coordinated omission).
 One Locust user runs the arrival schedule and spawns a greenlet per request on its FastHttpUser
 client, with enough connections that no send waits for a free one. Python's cyclic garbage
 collector is off during the run (``--keep-gc`` leaves it on): its collections paused this process
-for 20-30 ms at 300 req/s, which the answers' timings would have charged to the server. Each request carries
-``X-Request-Start: t=<scheduled send, epoch seconds>``, as a load balancer would set it, and its
+for 20-30 ms at 300 req/s, which the answers' timings would have charged to the server. Each
+request carries ``X-Request-Start: t=<scheduled send, epoch seconds>``, as a load balancer would set it, and its
 latency is timed from that scheduled send. The user stops the run once the last request is
 answered or ``--drain-s`` has passed. Every scheduled request becomes one line of --raw-out:
 scheduled_s (since the measured window began, negative during warm-up), latency_ms, status

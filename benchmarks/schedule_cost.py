@@ -5,7 +5,8 @@
 Times what the serving core adds per batch for scheduling (elastic/service.py handle_batch):
 parsing each request's X-Request-Start, the arrival rate over the recent batches, the plan
 (plan_batch: shedding and the level over 7 levels and 4 calibrated batch sizes, with a
-correction per level), and the correction updates after the batch (all levels and the served one). Pure Python, one thread; prints the median and p99.
+correction per level), and the correction updates after the batch (all levels and the served
+one). Pure Python, one thread; prints the median and p99.
 """
 
 from __future__ import annotations

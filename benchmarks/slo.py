@@ -228,12 +228,11 @@ def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path,
         for spec in specs:
             ts.register(spec.name, spec.name)
             print(f"[slo] registered {spec.name}", flush=True)
+            (work / spec.name).mkdir(parents=True, exist_ok=True)  # its raw runs and schedule state
             if spec.kind != "noop":
-                (work / spec.name).mkdir(parents=True, exist_ok=True)
                 (work / spec.name / "describe.json").write_text(json.dumps(ts.describe(spec.name), indent=1))
 
         def one(spec: Server, rate: float, rep: int) -> list[dict]:
-            (work / spec.name).mkdir(parents=True, exist_ok=True)
             raw = work / spec.name / f"raw-{rate:g}-{rep}.jsonl"
             recs = run_rate(host, spec.name, queries, rate, a, raw)
             waited = ts.wait_drained(spec.name)  # nothing left over for the next run to compete with
@@ -242,11 +241,12 @@ def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path,
             Ts = a.T if spec.T_ms is None else [spec.T_ms]
             out = [score(recs, T, a.duration_s, qrels, spec, rate) for T in Ts]
             for r in out:
-                print(f"[slo] {spec.name:>22} T={r['T_ms']:>4g} rate={rate:>5g} pass={rep + 1} within_T={r['within_T']} "
-                      f"shed={r['shed']} p99={r['p99_ms']} eff_mrr={r['effective_mrr_at_10']} "
+                print(f"[slo] {spec.name:>22} T={r['T_ms']:>4g} rate={rate:>5g} pass={rep + 1} "
+                      f"within_T={r['within_T']} shed={r['shed']} p99={r['p99_ms']} eff_mrr={r['effective_mrr_at_10']} "
                       f"level={r['mean_level']}", flush=True)
             rows.extend(out)
-            (a.out / "slo.json").write_text(json.dumps(a.prior + rows, indent=1) + "\n")  # partial results survive a stop
+            # partial results survive a stop
+            (a.out / "slo.json").write_text(json.dumps(a.prior + rows, indent=1) + "\n")
             return out
 
         ran: dict[Server, list[tuple[float, float]]] = {spec: [] for spec in specs}  # (rate, within_T at its main T)
@@ -417,9 +417,10 @@ def main() -> None:
     a.prior = rows
     rows = rows + interleaved(cfg, specs, store, work, a, qrels)
     (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")
-    how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: one TorchServe (frontend and "
-           f"a worker per server) on CPU 0, the servers interleaved at each rate, Locust open-loop Poisson arrivals "
-           f"on CPU 1; worker nice {extra.get('worker_nice', cfg.serve.worker_nice)}; batchSize {s.batch_size}, maxBatchDelay "
+    how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: "
+           "one TorchServe (frontend and a worker per server) on CPU 0, the servers interleaved at each rate, "
+           f"Locust open-loop Poisson arrivals on CPU 1; worker nice "
+           f"{extra.get('worker_nice', cfg.serve.worker_nice)}; batchSize {s.batch_size}, maxBatchDelay "
            f"{s.max_batch_delay_ms} ms; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
            f"{(time.time() - t0) / 60:.0f} min in all. Static servers pin one level and shed like elastic; "
            "elastic-paper is the paper's rule serving late requests; noop has no model (one run scored at every T).")

@@ -159,8 +159,9 @@ class Plan:
         level: preserving level (percent) that serves the batch; None when every request is shed.
         serve: per request of the batch, True = compute it, False = shed it (503).
         predicted_ms: predicted processing time c·t_k(b) of the served part (0 when none).
-        limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate"), or those the smallest failed when none met them all; empty when the
-            largest level serves. Counted by the server, so ops can see what holds the level down.
+        limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate"),
+            or those the smallest failed when none met them all; empty when the largest level
+            serves. Counted by the server, so ops can see what holds the level down.
     """
 
     level: int | None
@@ -355,7 +356,9 @@ class LatencyCorrection:
             raise ValueError(f"LatencyCorrection: bad window={window}, quantile={quantile}, min_c={min_c}, max_c={max_c}")
         self.quantile, self.min_c, self.max_c = quantile, min_c, max_c
         self._ratios: deque[float] = deque(maxlen=window)  # in arrival order
-        self._ranked: list[float] = []  # the same, sorted (kept by insertion: no sort per batch)
+        # the same ratios sorted, and their sum, kept per insertion: no sort per batch (p99 of the
+        # schedule's cost per batch 103-123 us against 127-135 us with sorted(); schedule_cost)
+        self._ranked: list[float] = []
         self._sum = 0.0
         self.value = 1.0
         self.mean = 1.0
