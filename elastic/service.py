@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ENV_T = "ELASTIC_LATENCY_CONSTRAINT_MS"
 ENV_MANAGEMENT = "ELASTIC_MANAGEMENT_ADDRESS"
 MAX_QUERY_CHARS = 2000  # refuse before tokenizing anything larger
+LONG_QUERY_POLICIES = ("truncate", "refuse")
 CALIBRATION_QUERY = "what is the average processing time of a typical web search query"
 
 
@@ -73,8 +74,12 @@ class HandlerSettings:
         request_start_max_age_ms: an older start is absurd: ignored for that request, counted.
         management_address: TorchServe management API, polled for the queue size g after each
             full batch; env ELASTIC_MANAGEMENT_ADDRESS wins.
-        query_max_length: retrieval: longest query in tokens ([CLS] and [SEP] included); longer -> 400.
-            (A GLUE model truncates to its task's max_length instead and says so.)
+        query_max_length: retrieval: longest query in tokens ([CLS] and [SEP] included); what
+            happens to a longer one is ``long_queries``. (A GLUE model truncates to its task's
+            max_length and says so.)
+        long_queries: retrieval: "truncate" (a longer query keeps its first query_max_length
+            tokens, as offline evaluation encodes it, and the answer says "truncated": true; the
+            default) or "refuse" (400 naming the limit).
         top_k: retrieval: passages returned per query.
         torch_threads: intra-op threads of this worker.
         worker_nice: added to this worker process's nice value at load (os.nice), in [-20, 19].
@@ -95,6 +100,7 @@ class HandlerSettings:
     request_start_max_age_ms: float = 60_000.0
     management_address: str = "http://127.0.0.1:8081"
     query_max_length: int = 32
+    long_queries: str = "truncate"
     top_k: int = 10
     torch_threads: int = 1
     worker_nice: int = 0
@@ -138,6 +144,8 @@ class HandlerSettings:
                 raise ValueError(f"handler.{k}: must be >= 1, got {getattr(s, k)}")
         if s.schedule not in RULES:
             raise ValueError(f"handler.schedule: expected one of {list(RULES)}, got {s.schedule!r}")
+        if s.long_queries not in LONG_QUERY_POLICIES:
+            raise ValueError(f"handler.long_queries: expected one of {list(LONG_QUERY_POLICIES)}, got {s.long_queries!r}")
         if s.late_requests not in LATE_POLICIES:
             raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
         if not 0 < s.max_utilization <= 1:
@@ -190,6 +198,38 @@ def parse_query(body: Any) -> str:
     if len(body) > MAX_QUERY_CHARS:
         raise BadRequest(f"query has {len(body)} characters, the limit is {MAX_QUERY_CHARS}")
     return body.strip()
+
+
+ACCEPTED_CONTENT_TYPES = ("application/json", "text/plain")
+
+
+def http_refusal(body: Any, content_type: str | None, hint: str) -> Optional["Result"]:
+    """The 405 or 415 answer to a request that is not a POST of a supported body, else None.
+
+    TorchServe does not pass the HTTP method to the handler. A GET (or DELETE, or a POST with
+    neither body nor Content-Type) reaches it as an empty body without a Content-Type header, so
+    that is what is answered 405 with ``Allow: POST``. A form (application/x-www-form-urlencoded,
+    multipart/form-data) reaches it split into fields, without a body (``body`` None): 415, as is
+    any other Content-Type than ACCEPTED_CONTENT_TYPES. No Content-Type with a body is read as
+    JSON or text (``parse_query``).
+
+    Args:
+        body: the request's body as TorchServe delivers it (``row["body"]`` or ``row["data"]``;
+            None when it split a form into fields).
+        content_type: the request's Content-Type header (any case, parameters allowed), or None.
+        hint: what to send instead, e.g. 'a JSON body {"query": "..."}'.
+
+    Returns:
+        Result(405 | 415, {"error": ...}) or None (the body goes on to the task's parser).
+    """
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if not ctype and (body is None or (isinstance(body, (bytes, bytearray, str)) and not body)):
+        return Result(405, {"error": f"method not allowed: POST {hint} with Content-Type: application/json"},
+                      {"Allow": "POST"})
+    if body is None or (ctype and ctype not in ACCEPTED_CONTENT_TYPES):
+        return Result(415, {"error": f"unsupported Content-Type {ctype or '(form fields)'}: send {hint} with "
+                                     "Content-Type: application/json"})
+    return None
 
 
 class QueuePoller:
@@ -321,6 +361,7 @@ class ElasticServer:
     """
 
     TASK = "none"  # what describe() reports: "retrieval" or "glue:<task>"
+    REQUEST_HINT = "a JSON body"  # what a request should be, for 405 / 415 messages
     HISTORY = 32  # recent batches kept for age and arrival-rate estimates
     RATE_MIN_SPAN_S = 0.25
     RATE_WINDOW_S = 1.0  # seconds of batches that count for λ
@@ -468,7 +509,8 @@ class ElasticServer:
         Retry-After, and the others go on.
 
         Args:
-            bodies: request bodies (the task's ``_prepare`` reads them).
+            bodies: request bodies (the task's ``_prepare`` reads them); a ``Result`` in their
+                place is that request's answer already (e.g. ``http_refusal``'s 405 / 415).
             request_starts: per request, the value of the request-start header, or None.
 
         Each good answer: the task's payload plus "level" (k in percent) and "queue_size" (g seen
@@ -487,9 +529,11 @@ class ElasticServer:
         if not full:
             self.queue.queue_size = 0
         g = max(0, int(self.queue.queue_size) - n) if full else 0
-        results: list[Result | None] = [None] * n
+        results: list[Result | None] = [b if isinstance(b, Result) else None for b in bodies]  # refused by the adapter
+        todo = [i for i in range(n) if results[i] is None]
         items, where = [], []
-        for i, p in enumerate(self._prepare(bodies) if bodies else []):  # one tokenizer call per batch
+        prepared = self._prepare([bodies[i] for i in todo]) if todo else []  # one tokenizer call per batch
+        for i, p in zip(todo, prepared):
             if isinstance(p, Result):
                 results[i] = p
             else:
@@ -565,7 +609,8 @@ class ElasticServer:
 class ElasticRetriever(ElasticServer):
     """ElasticDenser behind one worker: the elastic query encoder and the FAISS index of passages
     encoded by the largest SubLM. A request is {"query": ...} (see ``parse_query``); an answer
-    {"results": [{"pid", "score"} x top_k], "level", "queue_size"}.
+    {"results": [{"pid", "score"} x top_k], "truncated", "level", "queue_size"} ("truncated":
+    the query was cut to query_max_length tokens, see ``long_queries``).
 
     Args:
         model_dir: holds config.json, model.safetensors, submap.json, tokenizer files,
@@ -578,6 +623,7 @@ class ElasticRetriever(ElasticServer):
     """
 
     TASK = "retrieval"
+    REQUEST_HINT = 'a JSON body {"query": "..."}'
 
     def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                  max_batch_delay_ms: float = 0.0):
@@ -629,19 +675,27 @@ class ElasticRetriever(ElasticServer):
                 out[i] = Result(400, {"error": str(e)})
         limit = self.settings.query_max_length
         for i, tok in zip(at, self._token_ids(texts) if texts else []):
-            out[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit}"}) if len(tok) > limit else tok
+            if len(tok) <= limit:
+                out[i] = (tok, False)
+            elif self.settings.long_queries == "refuse":
+                out[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit} "
+                                               "(handler.long_queries: refuse)"})
+            else:  # the tokenizer's own truncation, as offline evaluation encodes queries
+                out[i] = (self.encoder.tokenizer(texts[at.index(i)], truncation=True, max_length=limit)["input_ids"],
+                          True)
         return out
 
-    def _run(self, items: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._search(items, level)
+    def _run(self, items: list[tuple[list[int], bool]], level: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._search([ids for ids, _ in items], level)
 
-    def _answers(self, items: list[list[int]], outputs: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    def _answers(self, items: list[tuple[list[int], bool]], outputs: tuple[np.ndarray, np.ndarray]) -> list[dict]:
         scores, idx = outputs
-        return [{"results": [{"pid": self.pids[j], "score": round(float(v), 6)} for j, v in zip(irow, srow) if j >= 0]}
-                for srow, irow in zip(scores, idx)]
+        return [{"results": [{"pid": self.pids[j], "score": round(float(v), 6)} for j, v in zip(irow, srow) if j >= 0],
+                 "truncated": cut}
+                for srow, irow, (_, cut) in zip(scores, idx, items)]
 
-    def _calibration_items(self, b: int) -> list[list[int]]:
-        return self._token_ids([CALIBRATION_QUERY] * b)
+    def _calibration_items(self, b: int) -> list[tuple[list[int], bool]]:
+        return [(ids, False) for ids in self._token_ids([CALIBRATION_QUERY] * b)]
 
 
 CALIBRATION_PAIR = ("A man with a hard hat is dancing on the stage in front of a small crowd.",
@@ -707,6 +761,7 @@ class ElasticClassifierServer(ElasticServer):
             raise ValueError(f"{d}/config.json: finetuning_task is missing (not a GLUE model from training/glue.py)")
         self.task = get_task(name)
         self.TASK = f"glue:{self.task.name}"
+        self.REQUEST_HINT = 'a JSON body {"text": "..."' + (', "text_pair": "..."}' if self.task.text_b else "}")
         self.model = GlueModel(d, self.task)
         self._ready()
 

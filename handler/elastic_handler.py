@@ -5,7 +5,8 @@ finetuning_task) behind the same elastic schedule.
 Per batch: read each request's start time (X-Request-Start) and g (the frontend's queue size,
 polled after full batches), let elastic/schedule.py pick the best SubLM that keeps every request
 within T and shed those that cannot make it, run the task's model with it. Each request gets its
-own status: a bad request answers 400 with {"error": ...}; a shed one 503 with Retry-After; the
+own status: a bad request answers 400 with {"error": ...}, a GET 405, a form or another unsupported
+Content-Type 415 (``http_refusal``); a shed one 503 with Retry-After; the
 others in its batch answer 200 with the task's payload plus "level": k and "queue_size": g
 (retrieval: {"results": [{"pid", "score"}...]}; GLUE: {"label", "probabilities"} or {"score"}).
 User text is never logged.
@@ -22,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the packed elastic/ package
 
-from elastic.service import HandlerSettings, QueuePoller, server_for  # noqa: E402
+from elastic.service import HandlerSettings, QueuePoller, http_refusal, server_for  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,13 @@ class ElasticDenserHandler(BaseHandler):
         self.context = context
         if self._is_describe():
             return [self.describe_handle()]
-        bodies = [row.get("body", row.get("data")) if isinstance(row, dict) else row for row in data]
-        starts = [self._request_start(context, i) for i in range(len(bodies))]
+        bodies, starts = [], []
+        for i, row in enumerate(data):
+            headers = self._headers(context, i)
+            body = row.get("body", row.get("data")) if isinstance(row, dict) else row
+            refused = http_refusal(body, headers.get("content-type"), self.server.REQUEST_HINT)
+            bodies.append(refused or body)
+            starts.append(headers.get(self.start_header) if isinstance(headers.get(self.start_header), str) else None)
         out = []
         for i, r in enumerate(self.server.handle_batch(bodies, starts)):
             if r.status != 200:
@@ -62,9 +68,13 @@ class ElasticDenserHandler(BaseHandler):
             out.append(r.payload)
         return out
 
-    def _request_start(self, context, i):
-        """The request-start header of request i (header names compared case-insensitively)."""
+    @staticmethod
+    def _headers(context, i):
+        """The HTTP headers of request i, names lower-cased (first one wins). TorchServe adds
+        entries of its own to the same map ("explain", "url_path", per-field content types under
+        the field's name); none of them is named like the headers read here."""
+        out = {}
         for k, v in context.get_all_request_header(i).items():
-            if isinstance(k, str) and k.lower() == self.start_header and isinstance(v, str):
-                return v
-        return None
+            if isinstance(k, str) and isinstance(v, str):
+                out.setdefault(k.lower(), v)
+        return out

@@ -3,12 +3,14 @@ level choice from the queue size and request ages, shedding, pinned levels, and 
 handler over a MockContext."""
 
 import json
+import re
 import time
 
 import pytest
+import torch
 
 from elastic.schedule import Calibration, LatencyCorrection
-from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, parse_query
+from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, http_refusal, parse_query
 
 
 def test_parse_query_forms():
@@ -75,9 +77,9 @@ def now_header(age_ms: float = 0.0) -> str:
 
 def test_bad_request_does_not_fail_its_batch(retriever):
     out = retriever.handle_batch([{"query": "what is a bank"}, b"{oops", {"query": "word " * 40}, b"who wrote hamlet"])
-    assert [r.status for r in out] == [200, 400, 400, 200]
+    assert [r.status for r in out] == [200, 400, 200, 200]
     assert "malformed JSON" in out[1].payload["error"]
-    assert "tokens, the limit is 16" in out[2].payload["error"]
+    assert out[2].payload["truncated"] is True and out[0].payload["truncated"] is False
     assert len(out[0].payload["results"]) == 10 and out[0].payload["level"] == 50
     scores = [h["score"] for h in out[0].payload["results"]]
     assert scores == sorted(scores, reverse=True)
@@ -87,6 +89,41 @@ def test_bad_request_does_not_fail_its_batch(retriever):
     assert m and float(m[1]) >= 0 and 0 < float(m[2]) <= float(m[3])
     assert out[3].headers["Server-Timing"].endswith(out[0].headers["Server-Timing"].split(", ", 1)[1])  # one batch
     assert "Server-Timing" not in out[1].headers
+
+
+def test_long_queries_are_truncated_as_offline_evaluation_encodes_them_or_refused(retriever, monkeypatch):
+    import dataclasses
+
+    long_query = "what is the population of " + "the largest city in the northern region of " * 4
+    out = retriever.handle_batch([{"query": long_query}])[0].payload
+    q = retriever.encoder.encode([long_query], out["level"], 16)  # the tokenizer's truncation to 16 tokens
+    top = torch.topk(q @ retriever._vectors.T, 10).indices[0]
+    assert out["truncated"] is True and [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in top]
+    monkeypatch.setattr(retriever, "settings", dataclasses.replace(retriever.settings, long_queries="refuse"))
+    out = retriever.handle_batch([{"query": long_query}, {"query": "short one"}])
+    assert [r.status for r in out] == [400, 200]
+    assert re.search(r"query has \d+ tokens, the limit is 16 \(handler.long_queries: refuse\)", out[0].payload["error"])
+    with pytest.raises(ValueError, match=r"handler.long_queries: expected one of \['truncate', 'refuse'\], got 'cut'"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "long_queries": "cut"}, environ={})
+
+
+@pytest.mark.parametrize("body,ctype,status", [
+    (bytearray(b""), None, 405),  # what a GET delivers
+    (None, "application/x-www-form-urlencoded", 415),  # a form: split into fields, no body
+    (None, "multipart/form-data; boundary=x", 415),
+    (b"<q>x</q>", "application/xml", 415),
+    (b'{"query": "x"}', "Application/JSON; charset=utf-8", None),
+    ("hello", "text/plain", None),
+    (b'{"query": "x"}', None, None),  # no Content-Type with a body: read as JSON or text
+    (bytearray(b""), "application/json", None),  # an empty POST: the parser's 400 says what is wrong
+])
+def test_http_refusal(body, ctype, status):
+    r = http_refusal(body, ctype, 'a JSON body {"query": "..."}')
+    assert (r and r.status) == status
+    if status == 405:
+        assert r.headers == {"Allow": "POST"} and r.payload["error"].startswith('method not allowed: POST a JSON body')
+    if status == 415:
+        assert "unsupported Content-Type" in r.payload["error"] and 'send a JSON body {"query": "..."}' in r.payload["error"]
 
 
 def test_answers_equal_direct_search_at_that_level(retriever):
@@ -253,6 +290,16 @@ def test_handler_over_mock_context(tiny_elastic):
         out = h.handle([{"body": {"query": "old"}}, {"body": {"query": "new"}}], ctx)
         assert ctx.statuses[0][0] == 503 and ctx.headers_out[0] == {"Retry-After": "1"} and out[1]["level"] == 50
         assert set(ctx.headers_out[1]) == {"Server-Timing"}
+        # what TorchServe delivers for a GET, and for a form post (fields, no body): 405 and 415,
+        # and the JSON request beside them is served
+        ctx.statuses, ctx.headers_out = {}, {}
+        ctx.headers_in = {0: {"body": "{'content-type': ''}", "content-length": "0"},
+                          1: {"query": "{'content-type': ''}", "Content-Type": "application/x-www-form-urlencoded"},
+                          2: {"Content-Type": "application/json"}}
+        out = h.handle([{"body": bytearray(b"")}, {"query": bytearray(b"hello")}, {"body": {"query": "bank"}}], ctx)
+        assert ctx.statuses[0][0] == 405 and ctx.headers_out[0] == {"Allow": "POST"}
+        assert ctx.statuses[1][0] == 415 and "application/x-www-form-urlencoded" in out[1]["error"]
+        assert 2 not in ctx.statuses and out[2]["level"] == 50
     finally:
         h.poller.stop()
     with pytest.raises(ValueError, match="handler.latency_constraint_ms: must be a positive number"):
