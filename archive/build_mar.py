@@ -4,7 +4,8 @@
     python -m archive.build_mar --config configs/glue.yaml --glue-task SST-2   # -> elasticlm-sst-2.mar
 
 Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
-model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt) and a
+model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt), the
+elastic metrics' metrics.yaml (elastic/telemetry.py) and a
 model-config.yaml (batchSize, maxBatchDelay, and under ``handler:`` the latency constraint T in
 milliseconds) into model_store/elasticdenser.mar. ``--archive-format no-archive`` writes a
 directory model_store/elasticdenser/ whose model-config.yaml ops can edit (then re-register).
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from elastic.telemetry import metrics_yaml
 from training.config import RecipeConfig, ServeConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +97,8 @@ def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_c
             shutil.copy(index_dir / f, stage / f)
         for f in (ROOT / "elastic").glob("*.py"):
             shutil.copy(f, stage / "elastic" / f.name)
+        # the elastic metrics, in TorchServe's metrics configuration format (elastic/telemetry.py)
+        (stage / "metrics.yaml").write_text(yaml.safe_dump(metrics_yaml(), sort_keys=False))
         return archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, name, export_path, archive_format)
 
 

@@ -34,7 +34,9 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
+from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
                               monotone_calibration, parse_request_start, plan_batch)
 
@@ -82,11 +84,17 @@ class HandlerSettings:
             default) or "refuse" (400 naming the limit).
         top_k: retrieval: passages returned per query.
         torch_threads: intra-op threads of this worker.
+        calibration_cache: reuse the t_k calibration stored in the model directory for the same
+            model files, machine, torch version, thread count, levels and batch sizes
+            (elastic/calibration_store.py), so that a restarted worker serves at once; it is
+            then re-measured while the worker is idle. False: measure at every load.
         worker_nice: added to this worker process's nice value at load (os.nice), in [-20, 19].
             The frontend shares the worker's core; a negative value lets a batch in progress
             run ahead of it. Raising priority needs CAP_SYS_NICE: without it the load fails,
             naming this field. 0 leaves the process as TorchServe started it.
         calibration_repeats: timed runs per (level, batch size) when calibrating t_k.
+        metrics_interval_s: seconds between flushes of the elastic metrics (elastic/telemetry.py)
+            to TorchServe's metrics API; what happens in between is summed.
     """
 
     latency_constraint_ms: float
@@ -105,6 +113,8 @@ class HandlerSettings:
     torch_threads: int = 1
     worker_nice: int = 0
     calibration_repeats: int = 30
+    calibration_cache: bool = True
+    metrics_interval_s: float = 1.0
 
     @classmethod
     def from_yaml(cls, handler_cfg: dict | None, environ: dict | None = None) -> "HandlerSettings":
@@ -127,7 +137,7 @@ class HandlerSettings:
             raise ValueError(f"handler.latency_constraint_ms: missing (set it in model-config.yaml or {ENV_T})")
         kw = {}
         for k, v in raw.items():
-            typ = {"float": float, "int": int, "str": str, "Optional[int]": int}[known[k].type]
+            typ = {"float": float, "int": int, "str": str, "bool": _strict_bool, "Optional[int]": int}[known[k].type]
             if v is None and known[k].type.startswith("Optional"):
                 kw[k] = None
                 continue
@@ -154,11 +164,25 @@ class HandlerSettings:
             raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
             raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
+        if not (s.metrics_interval_s > 0 and math.isfinite(s.metrics_interval_s)):
+            raise ValueError(f"handler.metrics_interval_s: must be a positive number of seconds, got {s.metrics_interval_s}")
         if not s.request_start_max_age_ms > 0:
             raise ValueError(f"handler.request_start_max_age_ms: must be > 0, got {s.request_start_max_age_ms}")
         if not s.request_start_header.strip():
             raise ValueError("handler.request_start_header: must be a header name")
         return s
+
+
+def _strict_bool(v: Any) -> bool:
+    """A yaml / environment boolean: true / false (any case), 1 / 0, or a bool."""
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(v)
 
 
 class BadRequest(ValueError):
@@ -379,12 +403,30 @@ class ElasticServer:
                                  "or grant the capability") from None
         torch.set_num_threads(settings.torch_threads)
 
-    def _ready(self) -> None:
-        """Check the pinned level, calibrate t_k and start the schedule's state (after the model is loaded)."""
+    def _ready(self, model_dir: str | Path) -> None:
+        """Check the pinned level, calibrate t_k (or reuse the one stored for this model, machine
+        and thread count, then re-measure it while idle) and start the schedule's state (after
+        the model is loaded)."""
         s = self.settings
         if s.pin_level is not None and s.pin_level not in self.levels:
             raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of submap.json {self.levels}")
-        self.calibration = self.calibrate()
+        self._model_dir = Path(model_dir)
+        self._in_batch = False
+        self._batches_started = 0
+        self._ready_at = self._last_end_mono = time.monotonic()
+        self.remeasured = 0  # background re-measurements of a stored calibration that replaced it
+        key = stored = None
+        if s.calibration_cache:
+            key = calibration_store.calibration_key(model_dir, self.TASK, self.levels, self._batch_sizes(),
+                                                    s.torch_threads)
+            stored = calibration_store.load(model_dir, key)
+        if stored is not None:
+            self.calibration, self.calibration_source = stored, "stored"
+            threading.Thread(target=self._remeasure_when_idle, args=(key,), name="recalibration", daemon=True).start()
+        else:
+            self.calibration, self.calibration_source = self.calibrate(), "measured"
+            if key is not None:
+                calibration_store.save(model_dir, key, self.calibration)
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
         self.correction = LatencyCorrection(quantile=s.deadline_quantile)  # c: observed / predicted time, all levels
         # c_k per level; a level with fewer than LEVEL_MIN_BATCHES batches borrows the all-level c
@@ -393,6 +435,7 @@ class ElasticServer:
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}
         self.limited_by = {"deadline": 0, "queue": 0, "rate": 0}  # batches held below the largest level
+        self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
         self._last_end: float | None = None
         self._last_waiting = False
 
@@ -450,6 +493,40 @@ class ElasticServer:
                 runs[(level, b)].append((time.perf_counter() - t0) * 1000)
         ms = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
         return monotone_calibration(sizes, ms)
+
+    IDLE_S = 1.0  # a stored calibration is re-measured only after this long without a batch
+
+    def _idle(self) -> bool:
+        return not self._in_batch and time.monotonic() - self._last_end_mono >= self.IDLE_S
+
+    def _remeasure_when_idle(self, key: dict) -> None:
+        """Re-time every (level, batch size) cell as ``calibrate`` does, one run at a time and
+        only while the worker is idle; a run that overlapped a batch is discarded and repeated.
+        When every cell has its repeats, the new calibration replaces the stored one (here and on
+        disk). A batch that arrives during a run shares the CPU with that one run (<= t_k(b_max)
+        of the largest level)."""
+        sizes = self._batch_sizes()
+        items = {b: self._calibration_items(b) for b in sizes}
+        cells = [(level, b) for level in self.levels for b in sizes]
+        runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+        for rep in range(self.settings.calibration_repeats + 1):  # the first round warms up
+            for cell in cells:
+                while True:
+                    while not self._idle():
+                        time.sleep(0.2)
+                    before = self._batches_started
+                    t0 = time.perf_counter()
+                    self._run(items[cell[1]], cell[0])
+                    ms = (time.perf_counter() - t0) * 1000
+                    if self._batches_started == before and not self._in_batch:
+                        break
+                if rep:
+                    runs[cell].append(ms)
+        ms_table = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
+        self.calibration = monotone_calibration(sizes, ms_table)
+        self.remeasured += 1
+        calibration_store.save(self._model_dir, key, self.calibration)
+        log.info("stored calibration re-measured while idle: %s", self.calibration.ms)
 
     LEVEL_MIN_BATCHES = 20  # batches a level's own correction needs before it replaces the all-level one
 
@@ -520,6 +597,8 @@ class ElasticServer:
         the handler up to the answer.
         """
         start, now_epoch = time.perf_counter(), time.time()
+        self._in_batch = True
+        self._batches_started += 1
         self._observe_gap(start)
         n = len(bodies)
         request_starts = request_starts or [None] * n
@@ -540,6 +619,7 @@ class ElasticServer:
                 items.append(p)
                 where.append(i)
         self.counters["bad_request"] += n - len(items)
+        level, served, shed, past_T, predicted, model_ms = None, 0, 0, 0, 0.0, 0.0
         if items:
             s = self.settings
             ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
@@ -555,7 +635,8 @@ class ElasticServer:
                     results[where[k]] = Result(503, {"error": f"shed: cannot be answered within T = "
                                                               f"{s.latency_constraint_ms:g} ms"},
                                                {"Retry-After": str(s.retry_after_s)})
-            self.counters["shed"] += len(where) - len(keep)
+            shed = len(where) - len(keep)
+            self.counters["shed"] += shed
             if keep:
                 kept = [items[k] for k in keep]
                 t0 = time.perf_counter()
@@ -573,11 +654,16 @@ class ElasticServer:
                     results[where[k]] = Result(200, {**payload, "level": plan.level, "queue_size": g},
                                                {"Server-Timing": f"wait;dur={ages[k]:.3f}, {timing}"})
                 self.counters["served"] += len(keep)
+                level, served = plan.level, len(keep)
+                done_ms = (time.perf_counter() - start) * 1000  # each answer's age when it leaves: its age + this
+                past_T = sum(ages[k] + done_ms > s.latency_constraint_ms for k in keep)
+        self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms)
         self.counters["batches"] += 1
         self.history.append((start, g, n))
         if full:
             self.queue.request()  # the next batch reads a g polled while this one was answered
         self._last_end, self._last_waiting = time.perf_counter(), full
+        self._last_end_mono, self._in_batch = time.monotonic(), False
         return results  # type: ignore[return-value]
 
     def describe(self) -> dict:
@@ -589,6 +675,8 @@ class ElasticServer:
             "levels": self.levels,
             "batch_sizes": list(c.batch_sizes),
             "processing_ms": {str(k): [round(t, 3) for t in v] for k, v in c.ms.items()},
+            "calibration": self.calibration_source,
+            "calibration_remeasured": self.remeasured,
             "overhead_ms": round(self.overhead_ms, 3),
             "schedule": self.settings.schedule,
             "late_requests": self.settings.late_requests,
@@ -644,7 +732,7 @@ class ElasticRetriever(ElasticServer):
             raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
                              f"{self.encoder.dims.hidden_size}")
         self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
-        self._ready()
+        self._ready(d)
 
     @property
     def levels(self) -> list[int]:
@@ -763,7 +851,7 @@ class ElasticClassifierServer(ElasticServer):
         self.TASK = f"glue:{self.task.name}"
         self.REQUEST_HINT = 'a JSON body {"text": "..."' + (', "text_pair": "..."}' if self.task.text_b else "}")
         self.model = GlueModel(d, self.task)
-        self._ready()
+        self._ready(d)
 
     @property
     def levels(self) -> list[int]:

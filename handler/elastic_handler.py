@@ -11,6 +11,10 @@ others in its batch answer 200 with the task's payload plus "level": k and "queu
 (retrieval: {"results": [{"pid", "score"}...]}; GLUE: {"label", "probabilities"} or {"score"}).
 User text is never logged.
 
+Elastic metrics (elastic/telemetry.py: requests per level, g, level, answers past T, shed,
+predicted and measured batch time) go through TorchServe's custom metrics API, as the packed
+metrics.yaml declares them, once per handler.metrics_interval_s.
+
 T (handler.latency_constraint_ms in model-config.yaml) can be overridden without rebuilding
 the .mar by the ELASTIC_LATENCY_CONSTRAINT_MS environment variable of `torchserve --start`.
 """
@@ -24,6 +28,7 @@ from ts.torch_handler.base_handler import BaseHandler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the packed elastic/ package
 
 from elastic.service import HandlerSettings, QueuePoller, http_refusal, server_for  # noqa: E402
+from elastic.telemetry import LEVEL, SPECS, Flusher, load_metrics_yaml  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +37,43 @@ class ElasticDenserHandler(BaseHandler):
     """See the module docstring."""
 
     def initialize(self, context):
+        self.context = context
         props = context.system_properties
         yaml_cfg = context.model_yaml_config or {}
         settings = HandlerSettings.from_yaml(yaml_cfg.get("handler"))
         max_batch = int(yaml_cfg.get("batchSize", getattr(context, "batch_size", 1) or 1))
         max_delay = float(yaml_cfg.get("maxBatchDelay", 100))  # TorchServe's default maxBatchDelay
+        self.metrics = self._metrics(context, props["model_dir"])  # a bad metrics.yaml fails before the model loads
         self.poller = QueuePoller(settings.management_address, context.model_name)
         self.server = server_for(props["model_dir"], settings, max_batch, self.poller, max_delay)
         self.start_header = settings.request_start_header.lower()
+        self.flusher = Flusher(self.server.telemetry, self._emit, settings.metrics_interval_s).start()
         self.poller.start()
-        self.context = context
         self.initialized = True
         log.info("elastic model ready: %s", self.server.describe())
+
+    @staticmethod
+    def _metrics(context, model_dir):
+        """name -> (TorchServe metric object, its spec) for each elastic metric the packed
+        metrics.yaml declares (all of them when the model directory has none). Raises
+        ValueError naming the file and field of a metrics.yaml that does not parse."""
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        path = os.path.join(model_dir, "metrics.yaml")
+        specs = load_metrics_yaml(path) if os.path.exists(path) else SPECS
+        out = {}
+        for name, spec in specs.items():
+            mtype = MetricTypes.COUNTER if spec.type == "counter" else MetricTypes.GAUGE
+            out[name] = (context.metrics.add_metric_to_cache(name, spec.unit, list(spec.dimensions), mtype), spec)
+        return out
+
+    def _emit(self, name, level, value):
+        """One elastic metric update through TorchServe's custom metrics API (a [METRICS] line on
+        stdout that the frontend exports on /metrics)."""
+        if name in self.metrics:
+            metric, spec = self.metrics[name]
+            labels = [self.context.model_name] + ([str(level)] if LEVEL in spec.dimensions else [])
+            metric.add_or_update(value, labels)
 
     def describe_handle(self):
         return self.server.describe()

@@ -4,6 +4,7 @@ handler over a MockContext."""
 
 import json
 import re
+import shutil
 import time
 
 import pytest
@@ -248,9 +249,17 @@ def test_submap_not_matching_weights_fails_at_load(tiny_elastic, tmp_path):
 
 
 class MockContext:
-    """TorchServe's Context, reduced to what the handler touches (ts.context.Context)."""
+    """TorchServe's Context, reduced to what the handler touches (ts.context.Context), with
+    TorchServe's own metrics cache as ``metrics`` (what the worker builds from ts/configs/metrics.yaml)."""
 
     def __init__(self, model_dir, yaml_cfg):
+        from pathlib import Path
+
+        import ts
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        self.metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+        self.metrics.initialize_cache()
         self.system_properties = {"model_dir": str(model_dir)}
         self.model_yaml_config = yaml_cfg
         self.model_name = "elastic"
@@ -367,3 +376,34 @@ def test_worker_nice_without_the_capability_fails_the_load_naming_the_field(tiny
     monkeypatch.setattr(os, "nice", refuse)
     with pytest.raises(ValueError, match=r"handler.worker_nice: -5 needs CAP_SYS_NICE"):
         ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=50.0, worker_nice=-5, calibration_repeats=1))
+
+
+def test_a_restarted_worker_reuses_the_stored_calibration_and_re_measures_it_when_idle(tiny_elastic, tmp_path,
+                                                                                        monkeypatch):
+    from elastic import calibration_store
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_elastic, model)
+    (model / calibration_store.FILE).unlink(missing_ok=True)
+    settings = HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2)
+    first = ElasticRetriever(model, settings, max_batch=2)
+    assert first.calibration_source == "measured" and (model / calibration_store.FILE).exists()
+    monkeypatch.setattr(ElasticRetriever, "IDLE_S", 0.05)
+    again = ElasticRetriever(model, settings, max_batch=2)
+    assert again.calibration_source == "stored" and again.calibration == first.calibration
+    deadline = time.time() + 30
+    while again.remeasured == 0 and time.time() < deadline:  # re-timed in the background while idle
+        time.sleep(0.05)
+    assert again.remeasured == 1 and again.calibration.batch_sizes == (1, 2)
+    assert again.describe()["calibration"] == "stored"
+    # another thread count (or model, machine, batch sizes) does not reuse it
+    other = ElasticRetriever(model, HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2, torch_threads=2),
+                             max_batch=2)
+    assert other.calibration_source == "measured"
+    (model / calibration_store.FILE).write_text("{not json")
+    assert ElasticRetriever(model, settings, max_batch=2).calibration_source == "measured"
+    off = HandlerSettings.from_yaml({"latency_constraint_ms": 50, "calibration_cache": "false"}, environ={})
+    assert off.calibration_cache is False
+    assert ElasticRetriever(model, off, max_batch=2).calibration_source == "measured"
+    with pytest.raises(ValueError, match="handler.calibration_cache: expected bool, got 'maybe'"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "calibration_cache": "maybe"}, environ={})
