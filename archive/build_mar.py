@@ -33,8 +33,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")  # 
 def model_config(serve: ServeConfig, query_max_length: int) -> dict:
     """The model-config.yaml TorchServe reads at registration (batching, workers, handler settings)."""
     return {
-        "minWorkers": 1,
-        "maxWorkers": 1,
+        "minWorkers": serve.workers,
+        "maxWorkers": serve.workers,
         "batchSize": serve.batch_size,
         "maxBatchDelay": serve.max_batch_delay_ms,
         "responseTimeout": 120,

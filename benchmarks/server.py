@@ -157,3 +157,19 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def scrape(metrics_url: str, prefix: str = "Elastic") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of TorchServe's Prometheus endpoint, parsed by prometheus_client: (metric name
+    as TorchServe names it, sorted labels without Hostname) -> value, for the metrics whose name
+    starts with ``prefix`` (the parser's counter samples end in _total; the family name does not)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if family.name.startswith(prefix):
+                out[(family.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "Hostname")))] = s.value
+    return out

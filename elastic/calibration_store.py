@@ -43,11 +43,12 @@ def machine_id() -> str:
 
 def model_fingerprint(model_dir: str | Path) -> str:
     """SHA-256 over the model directory's files (name, size, and the first and last 64 KiB of
-    each; the stored calibration itself excluded): cheap on a 90 MB model, and any retrained,
-    re-pruned or re-indexed model differs."""
+    each): cheap on a 90 MB model, and any retrained, re-pruned or re-indexed model differs. The
+    stored calibration and model-config.yaml are left out: a copy with another T (archive/
+    set_latency_constraint.py) is the same model; the settings that change t_k are in the key."""
     h = hashlib.sha256()
     for f in sorted(Path(model_dir).iterdir()):
-        if not f.is_file() or f.name == FILE:
+        if not f.is_file() or f.name in (FILE, "model-config.yaml"):
             continue
         size = f.stat().st_size
         h.update(f"{f.name}\0{size}\0".encode())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from archive.build_mar import build_mar
-from benchmarks.server import TorchServe, free_ports
+from benchmarks.server import TorchServe, free_ports, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,7 @@ def server(tiny_elastic, tmp_path_factory):
     ts.start()
     try:
         ts.wait_ready("elastic", 120)
+        ts.metrics_url = f"http://127.0.0.1:{met}/metrics"
         yield ts, f"http://127.0.0.1:{inf}/predictions/elastic"
     finally:
         ts.stop()
@@ -70,8 +71,14 @@ def test_bad_requests_get_their_own_errors(server):
     _, url = server
     status, text, _ = _post(url, b'{"query": "unterminated')
     assert status == 400 and "malformed JSON" in text
-    status, text, _ = _post(url, json.dumps({"query": "word " * 100}).encode())
-    assert status == 400 and "the limit is 32" in text
+    status, body, _ = _post(url, json.dumps({"query": "word " * 100}).encode())
+    assert status == 200 and body["truncated"] is True  # cut to query_max_length, as offline evaluation does
+    req = urllib.request.Request(url, method="GET")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 405 and e.value.headers.get("Allow") == "POST"
+    status, text, _ = _post(url, b"query=hello", "application/x-www-form-urlencoded")
+    assert status == 415 and "send a JSON body" in text
     status, body, _ = _post(url, b"plain text query about banks", "text/plain")
     assert status == 200 and body["level"] == 50  # the worker survived
 
@@ -108,3 +115,36 @@ def test_level_drops_under_burst_and_recovers(server):
                             headers={"X-Request-Start": f"t={time.time():.6f}"})
     state = {k: v for k, v in ts.describe("elastic").items() if k in ("overhead_ms", "correction", "mean_correction")}
     assert status == 200 and body["level"] == 50 and body["queue_size"] == 0, (body, state)
+
+
+def test_elastic_metrics_move_on_the_prometheus_endpoint(server):
+    ts, url = server
+    time.sleep(1.2)  # the handler flushes once a second
+    before = scrape(ts.metrics_url)
+    model = (("ModelName", "elastic"),)
+    assert ("ElasticLevel", model) in before, sorted(before)
+    served = sum(_post(url, json.dumps({"query": f"metrics query {i}"}).encode())[0] == 200 for i in range(12))
+    _post(url, b"{bad json")
+    time.sleep(2.5)
+    after = scrape(ts.metrics_url)
+
+    def moved(name):
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name)
+
+    assert moved("ElasticRequests") == served and served >= 10
+    assert moved("ElasticBadRequests") >= 1
+    assert moved("ElasticBatches") >= 1 and moved("ElasticMeasuredBatchMs") > 0 and moved("ElasticPredictedBatchMs") > 0
+    assert after[("ElasticQueueSize", model)] == 0  # idle: no batch saw a queue in the last second
+    assert after[("ElasticLevel", model)] in (50, 30, 10)
+
+
+def test_set_T_refuses_when_the_environment_overrides_the_yaml(server):
+    from archive.set_latency_constraint import Management, set_latency_constraint
+
+    ts, url = server
+    with pytest.raises(RuntimeError, match="ELASTIC_LATENCY_CONSTRAINT_MS, which overrides the yaml"):
+        set_latency_constraint(Management(ts.management), ts.model_store, "elastic", 80.0, 120, log=lambda _: None)
+    versions = Management(ts.management).call("GET", "/models/elastic/all")
+    assert len(versions) == 1 and ts.describe("elastic")["latency_constraint_ms"] == 25.0
+    assert [p.name for p in ts.model_store.iterdir()] == ["elasticdenser.mar"]  # the copy is removed again
+    assert _post(url, json.dumps({"query": "still served"}).encode())[0] == 200

@@ -144,6 +144,8 @@ class ServeConfig:
                             "serve: computed however late")
     batch_size: int = _f(8, "TorchServe batchSize (chosen by benchmarks/batching.py; 1 = the paper's one request per batch)")
     max_batch_delay_ms: int = _f(2, "TorchServe maxBatchDelay in milliseconds (chosen by benchmarks/batching.py)")
+    workers: int = _f(1, "TorchServe workers of the model (minWorkers = maxWorkers); with 2, a crashed worker's "
+                      "requests go to the other while it restarts (benchmarks/results/soak.md)")
     top_k: int = _f(10, "passages returned per query")
     torch_threads: int = _f(1, "intra-op threads of the worker")
     worker_nice: int = _f(0, "added to the worker's nice value at load, in [-20, 19]; negative lets a batch in progress "
@@ -253,7 +255,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if not lv or not all(isinstance(p, int) and 0 < p <= 100 for p in lv) or len(set(lv)) != len(lv):
         raise ValueError(f"config prune.levels: expected distinct integer percents in (0, 100], got {lv!r}")
     for name in ("prune.batch_size", "distill.batch_size", "distill.steps", "distill.max_length", "finetune.batch_size",
-                 "finetune.steps", "finetune.bm25_depth", "serve.batch_size", "encode.batch_size",
+                 "finetune.steps", "finetune.bm25_depth", "serve.batch_size", "serve.workers", "encode.batch_size",
                  "train.checkpoint_every", "train.log_every", "query_distill.steps", "query_distill.batch_size",
                  "query_distill.candidates"):
         sec, key = name.split(".")
