@@ -12,7 +12,8 @@ for 20-30 ms at 300 req/s, which the answers' timings would have charged to the 
 request carries ``X-Request-Start: t=<scheduled send, epoch seconds>``, as a load balancer would set it, and its
 latency is timed from that scheduled send. The user stops the run once the last request is
 answered or ``--drain-s`` has passed. Every scheduled request becomes one line of --raw-out:
-scheduled_s (since the measured window began, negative during warm-up), latency_ms, status
+scheduled_s (since the measured window began, negative during warm-up), sent_epoch (the
+scheduled send, epoch seconds), latency_ms, status
 (0 = no answer), retry_after (header value or null), level, queue_size, qid, pids, and wait_ms,
 model_ms and handler_ms from the answer's Server-Timing header (null when absent).
 benchmarks/slo.py runs this under taskset on a core of its own.
@@ -110,7 +111,8 @@ class OpenLoopUser(FastHttpUser):
             if delay > 0:
                 gevent.sleep(delay)
             qid, text = rng.choice(queries)
-            rec = {"scheduled_s": round(t - window, 6), "latency_ms": None, "status": 0, "retry_after": None,
+            rec = {"scheduled_s": round(t - window, 6), "sent_epoch": round(t, 6), "latency_ms": None, "status": 0,
+                   "retry_after": None,
                    "level": None, "queue_size": None, "qid": qid, "pids": [], "wait_ms": None, "model_ms": None,
                    "handler_ms": None}
             RECORDS.append(rec)

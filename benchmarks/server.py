@@ -71,13 +71,14 @@ class TorchServe:
                 time.sleep(0.5)
         raise TimeoutError(f"TorchServe's management API {self.management} not up after {timeout_s:.0f} s")
 
-    def register(self, name: str, url: str, timeout_s: float = 300) -> None:
-        """Register ``url`` (a .mar or model directory in the model store) as ``name`` with one
-        worker and wait until it is READY (TorchServe management API, ``synchronous=true``). One at
-        a time, so that a worker's start-up (calibration) does not share the core with another's."""
+    def register(self, name: str, url: str, timeout_s: float = 300, workers: int = 1) -> None:
+        """Register ``url`` (a .mar or model directory in the model store) as ``name`` with
+        ``workers`` workers and wait until they are READY (TorchServe management API,
+        ``synchronous=true``). One model at a time, so that a worker's start-up (calibration) does
+        not share the core with another model's."""
         import urllib.parse
 
-        q = urllib.parse.urlencode({"url": url, "model_name": name, "initial_workers": 1, "synchronous": "true"})
+        q = urllib.parse.urlencode({"url": url, "model_name": name, "initial_workers": workers, "synchronous": "true"})
         req = urllib.request.Request(f"{self.management}/models?{q}", method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout_s):
@@ -85,7 +86,19 @@ class TorchServe:
         except OSError as e:
             body = e.read().decode(errors="replace")[:500] if hasattr(e, "read") else ""
             raise RuntimeError(f"registering {name} ({url}) failed: {e} {body}") from None
-        self.wait_ready(name, timeout_s)
+        self.wait_ready(name, timeout_s, workers)
+
+    def scale(self, name: str, workers: int, timeout_s: float = 300) -> None:
+        """Set ``name`` to ``workers`` workers (PUT /models/{name}?min_worker=...&synchronous=true)
+        and wait until they are READY. Scaling after a one-worker registration lets the new
+        workers reuse the first one's stored calibration instead of timing at once on one core."""
+        import urllib.parse
+
+        q = urllib.parse.urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
+        req = urllib.request.Request(f"{self.management}/models/{name}?{q}", method="PUT")
+        with urllib.request.urlopen(req, timeout=timeout_s):
+            pass
+        self.wait_ready(name, timeout_s, workers)
 
     def model_status(self, name: str) -> list | None:
         try:
@@ -94,12 +107,13 @@ class TorchServe:
         except OSError:
             return None
 
-    def wait_ready(self, name: str, timeout_s: float = 180) -> None:
-        """Block until a worker of ``name`` is READY; raises TimeoutError with the model log's tail."""
+    def wait_ready(self, name: str, timeout_s: float = 180, workers: int = 1) -> None:
+        """Block until ``workers`` workers of ``name`` are READY; raises TimeoutError with the
+        model log's tail."""
         t0 = time.time()
         while time.time() - t0 < timeout_s:
             st = self.model_status(name)
-            if st and any(w.get("status") == "READY" for w in st[0].get("workers", [])):
+            if st and sum(w.get("status") == "READY" for w in st[0].get("workers", [])) >= workers:
                 return
             time.sleep(0.5)
         log = self.work_dir / "logs" / "model_log.log"

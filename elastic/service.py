@@ -495,13 +495,16 @@ class ElasticServer:
         return monotone_calibration(sizes, ms)
 
     IDLE_S = 1.0  # a stored calibration is re-measured only after this long without a batch
+    CLEAN_RUN = 0.9  # a re-measured run counts only if this thread had the CPU for this share of its wall time
 
     def _idle(self) -> bool:
         return not self._in_batch and time.monotonic() - self._last_end_mono >= self.IDLE_S
 
     def _remeasure_when_idle(self, key: dict) -> None:
         """Re-time every (level, batch size) cell as ``calibrate`` does, one run at a time and
-        only while the worker is idle; a run that overlapped a batch is discarded and repeated.
+        only while the worker is idle; a run that overlapped a batch, or during which this thread
+        had the CPU for less than CLEAN_RUN of the time (another worker or process on the core),
+        is discarded and repeated a second later.
         When every cell has its repeats, the new calibration replaces the stored one (here and on
         disk). A batch that arrives during a run shares the CPU with that one run (<= t_k(b_max)
         of the largest level)."""
@@ -515,11 +518,13 @@ class ElasticServer:
                     while not self._idle():
                         time.sleep(0.2)
                     before = self._batches_started
-                    t0 = time.perf_counter()
+                    t0, cpu0 = time.perf_counter(), time.thread_time()
                     self._run(items[cell[1]], cell[0])
                     ms = (time.perf_counter() - t0) * 1000
-                    if self._batches_started == before and not self._in_batch:
+                    cpu_ms = (time.thread_time() - cpu0) * 1000
+                    if self._batches_started == before and not self._in_batch and cpu_ms >= self.CLEAN_RUN * ms:
                         break
+                    time.sleep(1.0)  # the core was busy (this worker's batch, another worker, another tenant)
                 if rep:
                     runs[cell].append(ms)
         ms_table = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
