@@ -28,12 +28,14 @@ class TorchServe:
     Args:
         ts_config: config.properties path; model_store: folder of .mar files;
         models: ``name=file.mar`` pairs to load at start; work_dir: logs/ and tmp/ go here;
-        management: management API base address; env: extra environment (e.g. T override).
+        management: management API base address; env: extra environment (e.g. T override);
+        log_config: log4j2 configuration (default: the project's log4j2.xml).
     """
 
     def __init__(self, ts_config: Path, model_store: Path, models: dict[str, str], work_dir: Path,
-                 management: str = "http://127.0.0.1:8081", env: dict | None = None):
+                 management: str = "http://127.0.0.1:8081", env: dict | None = None, log_config: Path | None = None):
         self.ts_config, self.model_store, self.models = ts_config, model_store, models
+        self.log_config = log_config or ROOT / "log4j2.xml"
         self.work_dir, self.management = work_dir, management
         (work_dir / "logs").mkdir(parents=True, exist_ok=True)
         (work_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ class TorchServe:
     def start(self, cpus: str | None = None) -> None:
         models = " ".join(f"{k}={v}" for k, v in self.models.items())
         rc = self._ts("--start", "--ncs", "--ts-config", str(self.ts_config), "--model-store", str(self.model_store),
-                      *(["--models", models] if models else []), "--log-config", str(ROOT / "log4j2.xml"), cpus=cpus)
+                      *(["--models", models] if models else []), "--log-config", str(self.log_config), cpus=cpus)
         if rc != 0:
             raise RuntimeError(f"torchserve --start exited {rc}; see {self.work_dir / 'logs' / 'launcher.log'}")
 
