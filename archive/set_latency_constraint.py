@@ -67,7 +67,8 @@ class Management:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 body = r.read()
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"{method} {path} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
+            detail = e.read().decode(errors="replace")[:300]
+            raise RuntimeError(f"{method} {path} answered {e.code}: {detail}") from None
         return json.loads(body) if body else None
 
     def version(self, model: str, version: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +86,7 @@ def main() -> None:
     (a.out / "logs.json").write_text(json.dumps(rows, indent=1) + "\n")
     files = sorted({f for r in rows for f in r["bytes"]})
     lines = ["# Log volume per 1,000 requests", "",
-             f"`python -m benchmarks.log_volume {' '.join(__import__('sys').argv[1:])}`: bytes added under TorchServe's "
+             f"`python -m benchmarks.log_volume {' '.join(sys.argv[1:])}`: bytes added under TorchServe's "
              f"log folder while {a.requests} queries were answered (4 in flight), after start-up.", "",
              "| setup | bytes per 1,000 requests | " + " | ".join(files) + " |",
              "| --- | --- | " + " | ".join("---" for _ in files) + " |"]

@@ -189,3 +189,15 @@ def scrape(metrics_url: str, prefix: str = "Elastic") -> dict[tuple[str, tuple[t
             if family.name.startswith(prefix):
                 out[(family.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "Hostname")))] = s.value
     return out
+
+
+def local_config(work: Path) -> tuple[Path, int, int, int]:
+    """work/config.properties: the project's config.properties on free loopback ports, with its
+    own worker socket port (/tmp/.ts.sock.<port>), apart from a TorchServe already running.
+    Returns (path, inference port, management port, metrics port)."""
+    inf, mgmt, met, worker = free_ports(4)
+    props = (ROOT / "config.properties").read_text()
+    props = props.replace("8080", str(inf)).replace("8081", str(mgmt)).replace("8082", str(met))
+    path = work / "config.properties"
+    path.write_text(props + f"initial_worker_port={worker}\n")
+    return path, inf, mgmt, met

@@ -168,7 +168,8 @@ def summarize(recs: list[dict], T_ms: float, duration_s: float, rate: float, kil
     rows = [r for r in recs if r["scheduled_s"] >= 0]
     ok = [r for r in rows if r["status"] == 200]
     wrong = [r for r in ok if r["level"] not in scores or r["qid"] not in row_of
-             or not answer_is_right(scores[r["level"]][row_of[r["qid"]]], [pid_row.get(p, -1) for p in r["pids"]], top_k)]
+             or not answer_is_right(scores[r["level"]][row_of[r["qid"]]], [pid_row.get(p, -1) for p in r["pids"]],
+                                    top_k)]
     in_time = [r for r in ok if r["latency_ms"] <= T_ms]
     recovery = None
     if killed_at is not None:
@@ -210,7 +211,8 @@ def run_soak(ts_config: Path, store: Path, model_url: str, queries_file: Path, T
         ts.scale("elastic", workers)  # then the others start from the calibration it stored
         raw = work / "raw.jsonl"
         cmd = pinned([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "openloop.py"), "--headless",
-                      "-u", "1", "-r", "1", "--only-summary", "--loglevel", "ERROR", "--host", f"http://127.0.0.1:{inf}",
+                      "-u", "1", "-r", "1", "--only-summary", "--loglevel", "ERROR",
+                      "--host", f"http://127.0.0.1:{inf}",
                       "--queries", str(queries_file), "--model-name", "elastic", "--rate", str(rate),
                       "--warmup-s", str(warmup_s), "--duration-s", str(duration_s), "--drain-s", str(drain_s),
                       "--raw-out", str(raw)], "1")
@@ -220,7 +222,8 @@ def run_soak(ts_config: Path, store: Path, model_url: str, queries_file: Path, T
                        scrape_at=window[0] + 0.75 * duration_s, end_at=window[1] + drain_s)
         obs.start()
         with open(work / "locust.log", "w") as log:
-            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=warmup_s + duration_s + drain_s + 120)
+            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=warmup_s + duration_s + drain_s + 120)
         obs.end_at = 0  # stop sampling
         obs.join(timeout=5)
         recs = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
@@ -245,7 +248,8 @@ def write_report(row: dict, details: dict, metrics_text: str, out: Path, how: st
              f"- statuses in the measured window: {details['statuses']}; 503 without Retry-After: "
              f"{details['shed_without_retry_after']};",
              f"- 200 answers per level: {details['levels']};",
-             f"- worker RSS (MiB, summed over the model's workers) every {RSS_EVERY_S:g} s: {details['rss_samples_mib']};",
+             f"- worker RSS (MiB, summed over the model's workers) every {RSS_EVERY_S:g} s: "
+             f"{details['rss_samples_mib']};",
              f"- wrong answers (first five): {details['wrong_examples']}.", "",
              "metrics.txt is one scrape of /metrics, a quarter of the window after the kill."]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
@@ -281,7 +285,8 @@ def main() -> None:
     how = (f"`python -m benchmarks.soak {' '.join(sys.argv[1:])}` on this 2-core machine: TorchServe (frontend and "
            f"{a.workers} worker(s), batchSize {s.batch_size}, maxBatchDelay {s.max_batch_delay_ms} ms, T = {a.T:g} ms) "
            f"on CPU 0, Locust open-loop Poisson arrivals at {rate:g} req/s on CPU 1, {a.warmup_s:g} s warm-up + "
-           f"{a.duration_s:g} s measured; one worker killed (SIGKILL) half-way; {(time.time() - t0) / 60:.0f} min in all.")
+           f"{a.duration_s:g} s measured; one worker killed (SIGKILL) half-way; "
+           f"{(time.time() - t0) / 60:.0f} min in all.")
     write_report(row, details, text, a.out, how)
     print(json.dumps(row), flush=True)
     print(f"[soak] wrote {a.out / 'soak.json'}, soak.md and metrics.txt", flush=True)

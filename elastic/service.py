@@ -155,7 +155,8 @@ class HandlerSettings:
         if s.schedule not in RULES:
             raise ValueError(f"handler.schedule: expected one of {list(RULES)}, got {s.schedule!r}")
         if s.long_queries not in LONG_QUERY_POLICIES:
-            raise ValueError(f"handler.long_queries: expected one of {list(LONG_QUERY_POLICIES)}, got {s.long_queries!r}")
+            raise ValueError(f"handler.long_queries: expected one of {list(LONG_QUERY_POLICIES)}, "
+                             f"got {s.long_queries!r}")
         if s.late_requests not in LATE_POLICIES:
             raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
         if not 0 < s.max_utilization <= 1:
@@ -165,7 +166,8 @@ class HandlerSettings:
         if not 0 < s.deadline_quantile <= 1:
             raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
         if not (s.metrics_interval_s > 0 and math.isfinite(s.metrics_interval_s)):
-            raise ValueError(f"handler.metrics_interval_s: must be a positive number of seconds, got {s.metrics_interval_s}")
+            raise ValueError("handler.metrics_interval_s: must be a positive number of seconds, "
+                             f"got {s.metrics_interval_s}")
         if not s.request_start_max_age_ms > 0:
             raise ValueError(f"handler.request_start_max_age_ms: must be > 0, got {s.request_start_max_age_ms}")
         if not s.request_start_header.strip():
@@ -767,15 +769,14 @@ class ElasticRetriever(ElasticServer):
             except BadRequest as e:
                 out[i] = Result(400, {"error": str(e)})
         limit = self.settings.query_max_length
-        for i, tok in zip(at, self._token_ids(texts) if texts else []):
+        for i, text, tok in zip(at, texts, self._token_ids(texts) if texts else []):
             if len(tok) <= limit:
                 out[i] = (tok, False)
             elif self.settings.long_queries == "refuse":
                 out[i] = Result(400, {"error": f"query has {len(tok)} tokens, the limit is {limit} "
                                                "(handler.long_queries: refuse)"})
             else:  # the tokenizer's own truncation, as offline evaluation encodes queries
-                out[i] = (self.encoder.tokenizer(texts[at.index(i)], truncation=True, max_length=limit)["input_ids"],
-                          True)
+                out[i] = (self.encoder.tokenizer(text, truncation=True, max_length=limit)["input_ids"], True)
         return out
 
     def _run(self, items: list[tuple[list[int], bool]], level: int) -> tuple[np.ndarray, np.ndarray]:

@@ -173,8 +173,8 @@ class Telemetry:
                 if s.type == "counter":
                     for lv in (self.levels if LEVEL in s.dimensions else [None]):
                         counts.setdefault((s.name, lv), 0.0)
-        out = [(name, lv, round(v, 3)) for (name, lv), v in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
-               if v or first]
+        ordered = sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+        out = [(name, lv, round(v, 3)) for (name, lv), v in ordered if v or first]
         out.append(("ElasticQueueSize", None, float(max_g)))
         if level is not None:
             out.append(("ElasticLevel", None, float(level)))

@@ -88,7 +88,7 @@ class ElasticDenserHandler(BaseHandler):
             body = row.get("body", row.get("data")) if isinstance(row, dict) else row
             refused = http_refusal(body, headers.get("content-type"), self.server.REQUEST_HINT)
             bodies.append(refused or body)
-            starts.append(headers.get(self.start_header) if isinstance(headers.get(self.start_header), str) else None)
+            starts.append(headers.get(self.start_header))
         out = []
         for i, r in enumerate(self.server.handle_batch(bodies, starts)):
             if r.status != 200:

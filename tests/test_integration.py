@@ -8,16 +8,14 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from archive.build_mar import build_mar
-from benchmarks.server import TorchServe, free_ports, scrape
+from benchmarks.server import TorchServe, local_config, scrape
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _post(url, body: bytes, content_type="application/json", headers=None):
@@ -33,17 +31,13 @@ def _post(url, body: bytes, content_type="application/json", headers=None):
 @pytest.fixture(scope="module")
 def server(tiny_elastic, tmp_path_factory):
     work = tmp_path_factory.mktemp("ts")
-    inf, mgmt, met, worker = free_ports(4)
-    props = (ROOT / "config.properties").read_text()
-    props = props.replace("8080", str(inf)).replace("8081", str(mgmt)).replace("8082", str(met))
-    props += f"initial_worker_port={worker}\n"  # worker socket /tmp/.ts.sock.<port>: apart from a running demo
-    (work / "config.properties").write_text(props)
+    config, inf, mgmt, met = local_config(work)
     mar = build_mar(tiny_elastic, tiny_elastic, work / "store", {
         "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 60,
         "handler": {"latency_constraint_ms": 1000, "management_address": f"http://127.0.0.1:{mgmt}",
                     "query_max_length": 32, "calibration_repeats": 10}})
     # T from the environment: overrides the yaml's 1000 ms without rebuilding the .mar
-    ts = TorchServe(work / "config.properties", mar.parent, {"elastic": mar.name}, work,
+    ts = TorchServe(config, mar.parent, {"elastic": mar.name}, work,
                     f"http://127.0.0.1:{mgmt}", {"ELASTIC_LATENCY_CONSTRAINT_MS": "25"})
     ts.start()
     try:

@@ -124,7 +124,8 @@ def test_http_refusal(body, ctype, status):
     if status == 405:
         assert r.headers == {"Allow": "POST"} and r.payload["error"].startswith('method not allowed: POST a JSON body')
     if status == 415:
-        assert "unsupported Content-Type" in r.payload["error"] and 'send a JSON body {"query": "..."}' in r.payload["error"]
+        assert "unsupported Content-Type" in r.payload["error"]
+        assert 'send a JSON body {"query": "..."}' in r.payload["error"]
 
 
 def test_answers_equal_direct_search_at_that_level(retriever):

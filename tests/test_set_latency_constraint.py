@@ -8,15 +8,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from archive.build_mar import build_mar
 from archive.set_latency_constraint import Management, parse_ms, set_latency_constraint
-from benchmarks.server import TorchServe, free_ports
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.server import TorchServe, local_config
 
 
 @pytest.mark.parametrize("text,msg", [("fast", "must be a number of milliseconds, got 'fast'"),
@@ -30,15 +27,12 @@ def test_bad_T_is_refused_before_touching_the_server(text, msg):
 
 @pytest.mark.slow
 def test_T_changes_with_no_request_failing(tiny_elastic, tmp_path):
-    inf, mgmt, met, worker = free_ports(4)
-    props = (ROOT / "config.properties").read_text()
-    props = props.replace("8080", str(inf)).replace("8081", str(mgmt)).replace("8082", str(met))
-    (tmp_path / "config.properties").write_text(props + f"initial_worker_port={worker}\n")
+    config, inf, mgmt, _ = local_config(tmp_path)
     mar = build_mar(tiny_elastic, tiny_elastic, tmp_path / "store", {
         "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 60,
         "handler": {"latency_constraint_ms": 1000, "management_address": f"http://127.0.0.1:{mgmt}",
                     "calibration_repeats": 5}})
-    ts = TorchServe(tmp_path / "config.properties", mar.parent, {"elastic": mar.name}, tmp_path,
+    ts = TorchServe(config, mar.parent, {"elastic": mar.name}, tmp_path,
                     f"http://127.0.0.1:{mgmt}")
     ts.start()
     statuses: list[int] = []

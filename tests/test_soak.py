@@ -55,19 +55,16 @@ def test_summary_counts_every_outcome():
 @pytest.mark.slow
 def test_short_soak_with_a_worker_killed_loses_nothing(tiny_elastic, tmp_path):
     from archive.build_mar import build_mar
-    from benchmarks.server import ROOT, free_ports
+    from benchmarks.server import ROOT, local_config
     from benchmarks.soak import run_soak
 
-    inf, mgmt, met, worker = free_ports(4)
-    props = (ROOT / "config.properties").read_text()
-    props = props.replace("8080", str(inf)).replace("8081", str(mgmt)).replace("8082", str(met))
-    (tmp_path / "config.properties").write_text(props + f"initial_worker_port={worker}\n")
+    config, inf, mgmt, met = local_config(tmp_path)
     store = tmp_path / "store"
     build_mar(tiny_elastic, tiny_elastic, store, {
         "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 60,
         "handler": {"latency_constraint_ms": 200, "management_address": f"http://127.0.0.1:{mgmt}",
                     "query_max_length": 32, "calibration_repeats": 5}}, archive_format="no-archive")
-    row, details, metrics = run_soak(tmp_path / "config.properties", store, "elasticdenser",
+    row, details, metrics = run_soak(config, store, "elasticdenser",
                                      ROOT / "data" / "msmarco" / "queries.dev500.tsv", 200.0, 20.0, 12.0, 2.0, 10.0,
                                      tmp_path, (inf, mgmt, met), 32, 10, workers=2)
     assert row["worker_kills"] == 1 and row["lost"] == 0 and row["wrong"] == 0, (row, details)
