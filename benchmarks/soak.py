@@ -122,7 +122,8 @@ class Observer(threading.Thread):
     """Samples the workers' RSS every RSS_EVERY_S, kills one worker at ``kill_at`` (epoch s) and
     times it back to READY, and scrapes /metrics once at ``scrape_at``."""
 
-    def __init__(self, ts: TorchServe, model: str, metrics_url: str, kill_at: float, scrape_at: float, end_at: float):
+    def __init__(self, ts: TorchServe, model: str, metrics_url: str, kill_at: float | None, scrape_at: float,
+                 end_at: float):
         super().__init__(daemon=True)
         self.ts, self.model, self.metrics_url = ts, model, metrics_url
         self.kill_at, self.scrape_at, self.end_at = kill_at, scrape_at, end_at
@@ -145,7 +146,7 @@ class Observer(threading.Thread):
             if now >= next_rss:
                 self._sample()
                 next_rss += RSS_EVERY_S
-            if self.killed_at is None and now >= self.kill_at:
+            if self.killed_at is None and self.kill_at is not None and now >= self.kill_at:
                 victim = worker_pids(self.ts, self.model)[0][0]
                 os.kill(victim, signal.SIGKILL)
                 self.killed_at = time.time()
@@ -197,9 +198,10 @@ def summarize(recs: list[dict], T_ms: float, duration_s: float, rate: float, kil
 
 def run_soak(ts_config: Path, store: Path, model_url: str, queries_file: Path, T_ms: float, rate: float,
              duration_s: float, warmup_s: float, drain_s: float, work: Path, ports: tuple[int, int, int],
-             max_length: int, top_k: int, workers: int) -> tuple[dict, dict, str]:
+             max_length: int, top_k: int, workers: int, kill: bool = True) -> tuple[dict, dict, str]:
     """Serve ``store/model_url`` as "elastic", run the soak (module docstring) and return
-    (soak.json row, details, metrics text). ``ports``: inference, management, metrics."""
+    (soak.json row, details, metrics text). ``ports``: inference, management, metrics; ``kill``
+    False runs the same load without killing a worker (a baseline)."""
     inf, mgmt, met = ports
     queries = read_tsv(queries_file)
     offline = offline_scores(store / model_url, queries, max_length)
@@ -218,7 +220,8 @@ def run_soak(ts_config: Path, store: Path, model_url: str, queries_file: Path, T
                       "--raw-out", str(raw)], "1")
         t0 = time.time()
         window = (t0 + warmup_s + 1.0, t0 + warmup_s + duration_s + 1.0)  # Locust's start-up ~1 s, approximately
-        obs = Observer(ts, "elastic", f"http://127.0.0.1:{met}/metrics", kill_at=window[0] + duration_s / 2,
+        obs = Observer(ts, "elastic", f"http://127.0.0.1:{met}/metrics",
+                       kill_at=window[0] + duration_s / 2 if kill else None,
                        scrape_at=window[0] + 0.75 * duration_s, end_at=window[1] + drain_s)
         obs.start()
         with open(work / "locust.log", "w") as log:
@@ -243,8 +246,9 @@ def write_report(row: dict, details: dict, metrics_text: str, out: Path, how: st
              "| " + " | ".join(KEYS) + " |", "| " + " | ".join("---" for _ in KEYS) + " |",
              "| " + " | ".join("" if row[k] is None else f"{row[k]:g}" if isinstance(row[k], float) else str(row[k])
                                for k in KEYS) + " |", "",
-             f"- the killed worker was READY again after {details['worker_back_s']} s (TorchServe's restart: a 1-s "
-             "back-off, Python start-up and imports, model load; the calibration is the stored one);",
+             (f"- the killed worker was READY again after {details['worker_back_s']} s (TorchServe's restart: a 1-s "
+              "back-off, Python start-up and imports, model load; the calibration is the stored one);"
+              if row["worker_kills"] else "- no worker was killed (a baseline run);"),
              f"- statuses in the measured window: {details['statuses']}; 503 without Retry-After: "
              f"{details['shed_without_retry_after']};",
              f"- 200 answers per level: {details['levels']};",
@@ -265,6 +269,7 @@ def main() -> None:
                                                "sustainable rate at T in benchmarks/results/slo.json)")
     ap.add_argument("--T", type=float, default=50.0, help="latency constraint, ms")
     ap.add_argument("--workers", type=int, default=2, help="TorchServe workers of the model")
+    ap.add_argument("--no-kill", action="store_true", help="the same load without killing a worker (a baseline)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args()
     if a.duration_s <= 0 or a.T <= 0 or a.workers < 1 or (a.rate is not None and a.rate <= 0):
@@ -281,11 +286,12 @@ def main() -> None:
     row, details, text = run_soak(ROOT / "config.properties", store, name, Path(cfg.data.dev_queries), a.T, rate,
                                   a.duration_s, a.warmup_s, a.drain_s, work,
                                   (s.inference_port, s.management_port, s.metrics_port), cfg.encode.query_max_length,
-                                  s.top_k, a.workers)
+                                  s.top_k, a.workers, not a.no_kill)
     how = (f"`python -m benchmarks.soak {' '.join(sys.argv[1:])}` on this 2-core machine: TorchServe (frontend and "
            f"{a.workers} worker(s), batchSize {s.batch_size}, maxBatchDelay {s.max_batch_delay_ms} ms, T = {a.T:g} ms) "
            f"on CPU 0, Locust open-loop Poisson arrivals at {rate:g} req/s on CPU 1, {a.warmup_s:g} s warm-up + "
-           f"{a.duration_s:g} s measured; one worker killed (SIGKILL) half-way; "
+           f"{a.duration_s:g} s measured; "
+           f"{'no worker killed' if a.no_kill else 'one worker killed (SIGKILL) half-way'}; "
            f"{(time.time() - t0) / 60:.0f} min in all.")
     write_report(row, details, text, a.out, how)
     print(json.dumps(row), flush=True)
