@@ -347,15 +347,25 @@ class LatencyCorrection:
     machine is noisy. The quantile (not the mean) budgets for jitter, so that T holds for the
     tail. c starts at 1 and stays within [min_c, max_c].
 
+    With ``max_age_s``, a ratio older than that leaves the window (``expire``); an empty window
+    means c = c̄ = 1 again (the calibration, with no evidence against it). Why: a level whose
+    ratios were high during a stall is not chosen again, so without an age limit nothing would
+    ever replace them and the level would stay locked out (seen in the rush replay: c_40 at the
+    4.0 clip after a stall, level 40 never served again).
+
     Args:
         window: batches remembered. quantile: in (0, 1]. min_c, max_c: clipping bounds (> 0).
+        max_age_s: seconds a ratio counts (None: until ``window`` newer ones push it out).
     """
 
-    def __init__(self, window: int = 200, quantile: float = 0.9, min_c: float = 0.5, max_c: float = 4.0):
-        if window < 1 or not 0 < quantile <= 1 or not 0 < min_c <= 1 <= max_c:
-            raise ValueError(f"LatencyCorrection: bad window={window}, quantile={quantile}, min_c={min_c}, max_c={max_c}")
-        self.quantile, self.min_c, self.max_c = quantile, min_c, max_c
-        self._ratios: deque[float] = deque(maxlen=window)  # in arrival order
+    def __init__(self, window: int = 200, quantile: float = 0.9, min_c: float = 0.5, max_c: float = 4.0,
+                 max_age_s: float | None = None):
+        if window < 1 or not 0 < quantile <= 1 or not 0 < min_c <= 1 <= max_c or (max_age_s is not None
+                                                                                   and not max_age_s > 0):
+            raise ValueError(f"LatencyCorrection: bad window={window}, quantile={quantile}, min_c={min_c}, "
+                             f"max_c={max_c}, max_age_s={max_age_s}")
+        self.quantile, self.min_c, self.max_c, self.max_age_s = quantile, min_c, max_c, max_age_s
+        self._ratios: deque[tuple[float, float]] = deque(maxlen=window)  # (time s, ratio) in arrival order
         # the same ratios sorted, and their sum, kept per insertion: no sort per batch (p99 of the
         # schedule's cost per batch 103-123 us against 127-135 us with sorted(); schedule_cost)
         self._ranked: list[float] = []
@@ -368,21 +378,41 @@ class LatencyCorrection:
         """Batches in the window."""
         return len(self._ratios)
 
-    def observe(self, predicted_ms: float, observed_ms: float) -> float:
-        """Record one batch (both in ms, predicted without the correction) and return the new c."""
+    def _drop_oldest(self) -> None:
+        _, old = self._ratios.popleft()
+        del self._ranked[bisect.bisect_left(self._ranked, old)]
+        self._sum -= old
+
+    def _update(self) -> None:
+        ranked = self._ranked
+        if not ranked:
+            self.value = self.mean = 1.0
+            self._sum = 0.0
+            return
+        q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
+        self.value = min(max(q, self.min_c), self.max_c)
+        self.mean = min(max(self._sum / len(ranked), self.min_c), self.max_c)
+
+    def expire(self, now_s: float) -> None:
+        """Drop the ratios older than max_age_s at ``now_s`` (seconds, the clock of ``observe``)."""
+        if self.max_age_s is None or not self._ratios or now_s - self._ratios[0][0] <= self.max_age_s:
+            return
+        while self._ratios and now_s - self._ratios[0][0] > self.max_age_s:
+            self._drop_oldest()
+        self._update()
+
+    def observe(self, predicted_ms: float, observed_ms: float, now_s: float = 0.0) -> float:
+        """Record one batch (both in ms, predicted without the correction) at ``now_s`` (seconds,
+        any monotonic clock; only differences count) and return the new c."""
         if predicted_ms > 0 and observed_ms >= 0:
             if len(self._ratios) == self._ratios.maxlen:
-                old = self._ratios[0]
-                del self._ranked[bisect.bisect_left(self._ranked, old)]
-                self._sum -= old
+                self._drop_oldest()
             r = observed_ms / predicted_ms
-            self._ratios.append(r)
+            self._ratios.append((now_s, r))
             bisect.insort(self._ranked, r)
             self._sum += r
-            ranked = self._ranked
-            q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
-            self.value = min(max(q, self.min_c), self.max_c)
-            self.mean = min(max(self._sum / len(ranked), self.min_c), self.max_c)
+            self.expire(now_s)
+            self._update()
         return self.value
 
 

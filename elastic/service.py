@@ -430,9 +430,12 @@ class ElasticServer:
             if key is not None:
                 calibration_store.save(model_dir, key, self.calibration)
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
-        self.correction = LatencyCorrection(quantile=s.deadline_quantile)  # c: observed / predicted time, all levels
-        # c_k per level; a level with fewer than LEVEL_MIN_BATCHES batches borrows the all-level c
-        self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile) for k in self.levels}
+        # c: observed / predicted time over all levels; c_k per level (a level with fewer than
+        # LEVEL_MIN_BATCHES batches borrows the all-level c); ratios older than CORRECTION_MAX_AGE_S
+        # leave both windows, so a level held off by a stall's ratios comes back
+        self.correction = LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
+        self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
+                                 for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}
@@ -536,12 +539,16 @@ class ElasticServer:
         log.info("stored calibration re-measured while idle: %s", self.calibration.ms)
 
     LEVEL_MIN_BATCHES = 20  # batches a level's own correction needs before it replaces the all-level one
+    CORRECTION_MAX_AGE_S = 10.0  # seconds an observed / predicted ratio counts in c and c_k
 
-    def _corrections(self) -> tuple[dict[int, float], dict[int, float]]:
-        """(c_k, c̄_k) per level for plan_batch: the level's own ratio once it has served
-        LEVEL_MIN_BATCHES batches in its window, else the ratio over all levels."""
+    def _corrections(self, now_s: float) -> tuple[dict[int, float], dict[int, float]]:
+        """(c_k, c̄_k) per level for plan_batch at ``now_s`` (perf_counter seconds): the level's
+        own ratio once it has LEVEL_MIN_BATCHES batches of the last CORRECTION_MAX_AGE_S in its
+        window, else the ratio over all levels (1 when no batch ran in that time)."""
+        self.correction.expire(now_s)
         c, cm = {}, {}
         for k, own in self.level_correction.items():
+            own.expire(now_s)
             src = own if own.count >= self.LEVEL_MIN_BATCHES else self.correction
             c[k], cm[k] = src.value, src.mean
         return c, cm
@@ -630,7 +637,7 @@ class ElasticServer:
         if items:
             s = self.settings
             ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
-            c, cm = self._corrections()
+            c, cm = self._corrections(start)
             plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
                               c, s.schedule, s.late_requests, s.pin_level, self._arrival_rate(start, n),
                               s.max_utilization, cm)
@@ -651,8 +658,8 @@ class ElasticServer:
                 t1 = time.perf_counter()
                 model_ms = (t1 - t0) * 1000
                 predicted = self.calibration.t(plan.level, len(keep))
-                self.correction.observe(predicted, model_ms)
-                self.level_correction[plan.level].observe(predicted, model_ms)
+                self.correction.observe(predicted, model_ms, t1)
+                self.level_correction[plan.level].observe(predicted, model_ms, t1)
                 # W3C Server-Timing: the request's age when its batch began (the schedule's input),
                 # what the batch spent in the model and in the whole handler so far, so a client
                 # can tell waiting, the model and the serving stack apart

@@ -154,6 +154,26 @@ def test_latency_correction_is_a_high_quantile_within_bounds():
     assert c.value == 0.5  # clipped at min_c
     with pytest.raises(ValueError, match="LatencyCorrection: bad window=0"):
         LatencyCorrection(window=0)
+    with pytest.raises(ValueError, match="max_age_s=0"):
+        LatencyCorrection(max_age_s=0)
+
+
+def test_latency_correction_forgets_ratios_older_than_max_age():
+    c = LatencyCorrection(window=10, quantile=0.5, max_age_s=5.0)
+    for t in range(4):
+        c.observe(10.0, 30.0, float(t))  # 3.0 at t = 0..3
+    c.observe(10.0, 10.0, 6.5)  # 1.0 at t = 6.5: the ratios of t = 0 and 1 are past 5 s
+    assert c.count == 3 and c.value == 3.0 and c.mean == pytest.approx(7 / 3)
+    c.expire(8.5)  # t = 2 and 3 go
+    assert c.count == 1 and c.value == 1.0 and c.mean == 1.0
+    c.observe(10.0, 20.0, 8.6)
+    c.expire(20.0)  # all gone: back to the calibration
+    assert c.count == 0 and c.value == 1.0 and c.mean == 1.0
+    old = LatencyCorrection(window=3, quantile=1.0)  # no max_age_s: only the window bounds it
+    for t in range(3):
+        old.observe(10.0, 20.0, float(t))
+    old.expire(1e9)
+    assert old.count == 3 and old.value == 2.0
 
 
 NOW = 1_700_000_000.0  # seconds since the epoch

@@ -176,11 +176,29 @@ def test_a_level_uses_its_own_correction_once_it_has_served_enough_batches(retri
     for _ in range(retriever.LEVEL_MIN_BATCHES - 1):
         retriever.correction.observe(10.0, 15.0)  # all levels: 1.5
         retriever.level_correction[small].observe(10.0, 20.0)  # the small level alone: 2.0
-    c, cm = retriever._corrections()
+    c, cm = retriever._corrections(1.0)
     assert c[small] == 1.5 and cm[small] == pytest.approx(1.5)  # too few batches of its own: the all-level ratio
     retriever.level_correction[small].observe(10.0, 20.0)
-    c, cm = retriever._corrections()
+    c, cm = retriever._corrections(1.0)
     assert c[small] == 2.0 and cm[small] == pytest.approx(2.0) and c[large] == 1.5
+
+
+def test_a_level_held_off_by_old_ratios_comes_back_when_they_expire(retriever, monkeypatch):
+    levels = retriever.levels
+    age = retriever.CORRECTION_MAX_AGE_S
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection(max_age_s=age))
+    monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(max_age_s=age) for k in levels})
+    small = levels[-1]
+    for _ in range(retriever.LEVEL_MIN_BATCHES + 5):  # a stall at t = 0: the small level at the 4.0 clip
+        retriever.level_correction[small].observe(10.0, 60.0, 0.0)
+        retriever.correction.observe(10.0, 60.0, 0.0)
+    for _ in range(5):  # other levels since, at 1.5
+        retriever.correction.observe(10.0, 15.0, age - 1)
+    assert retriever._corrections(age - 0.5)[0][small] == 4.0  # its own ratios still count: held off
+    c, cm = retriever._corrections(age + 0.5)  # the stall's ratios are older than CORRECTION_MAX_AGE_S
+    assert c[small] == 1.5 and cm[small] == pytest.approx(1.5) and retriever.level_correction[small].count == 0
+    c, _ = retriever._corrections(2 * age + 1)  # nothing in the last CORRECTION_MAX_AGE_S: the calibration itself
+    assert c[small] == 1.0 and retriever.correction.count == 0
 
 
 def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
