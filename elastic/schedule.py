@@ -350,8 +350,8 @@ class LatencyCorrection:
     With ``max_age_s``, a ratio older than that leaves the window (``expire``); an empty window
     means c = c̄ = 1 again (the calibration, with no evidence against it). Why: a level whose
     ratios were high during a stall is not chosen again, so without an age limit nothing would
-    ever replace them and the level would stay locked out (seen in the rush replay: c_40 at the
-    4.0 clip after a stall, level 40 never served again).
+    ever replace them and the level would stay locked out (seen after an SLO sweep: c_40 at the
+    4.0 clip from a stall, level 40 not served again).
 
     Args:
         window: batches remembered. quantile: in (0, 1]. min_c, max_c: clipping bounds (> 0).
@@ -393,13 +393,18 @@ class LatencyCorrection:
         self.value = min(max(q, self.min_c), self.max_c)
         self.mean = min(max(self._sum / len(ranked), self.min_c), self.max_c)
 
+    def _drop_expired(self, now_s: float) -> bool:
+        """Drop the ratios older than max_age_s at ``now_s``; whether any went."""
+        dropped = False
+        while self.max_age_s is not None and self._ratios and now_s - self._ratios[0][0] > self.max_age_s:
+            self._drop_oldest()
+            dropped = True
+        return dropped
+
     def expire(self, now_s: float) -> None:
         """Drop the ratios older than max_age_s at ``now_s`` (seconds, the clock of ``observe``)."""
-        if self.max_age_s is None or not self._ratios or now_s - self._ratios[0][0] <= self.max_age_s:
-            return
-        while self._ratios and now_s - self._ratios[0][0] > self.max_age_s:
-            self._drop_oldest()
-        self._update()
+        if self._drop_expired(now_s):
+            self._update()
 
     def observe(self, predicted_ms: float, observed_ms: float, now_s: float = 0.0) -> float:
         """Record one batch (both in ms, predicted without the correction) at ``now_s`` (seconds,
@@ -411,7 +416,7 @@ class LatencyCorrection:
             self._ratios.append((now_s, r))
             bisect.insort(self._ranked, r)
             self._sum += r
-            self.expire(now_s)
+            self._drop_expired(now_s)
             self._update()
         return self.value
 

@@ -413,9 +413,6 @@ class ElasticServer:
         if s.pin_level is not None and s.pin_level not in self.levels:
             raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of submap.json {self.levels}")
         self._model_dir = Path(model_dir)
-        self._in_batch = False
-        self._batches_started = 0
-        self._ready_at = self._last_end_mono = time.monotonic()
         self.remeasured = 0  # background re-measurements of a stored calibration that replaced it
         key = stored = None
         if s.calibration_cache:
@@ -424,7 +421,6 @@ class ElasticServer:
             stored = calibration_store.load(model_dir, key)
         if stored is not None:
             self.calibration, self.calibration_source = stored, "stored"
-            threading.Thread(target=self._remeasure_when_idle, args=(key,), name="recalibration", daemon=True).start()
         else:
             self.calibration, self.calibration_source = self.calibrate(), "measured"
             if key is not None:
@@ -441,8 +437,12 @@ class ElasticServer:
                          "request_start_ignored": 0}
         self.limited_by = {"deadline": 0, "queue": 0, "rate": 0}  # batches held below the largest level
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
-        self._last_end: float | None = None
+        self._last_end: float | None = None  # perf_counter seconds
         self._last_waiting = False
+        self._in_batch = False
+        self._ready_at = time.perf_counter()
+        if stored is not None:  # started last: it reads the state above
+            threading.Thread(target=self._remeasure_when_idle, args=(key,), name="recalibration", daemon=True).start()
 
     # --- the task's hooks -------------------------------------------------------------------------
     @property
@@ -484,18 +484,27 @@ class ElasticServer:
         noisy stretch of this shared machine falls on all cells alike instead of on the few timed
         while it lasted; the medians are then made non-decreasing in level and batch size
         (``monotone_calibration``)."""
+        return self._time_cells(self._timed_run)
+
+    def _timed_run(self, items: list[Any], level: int) -> float:
+        """Milliseconds of one ``_run``."""
+        t0 = time.perf_counter()
+        self._run(items, level)
+        return (time.perf_counter() - t0) * 1000
+
+    def _time_cells(self, timed) -> Calibration:
+        """``calibrate``'s rounds with ``timed(items, level) -> ms`` as the timer: 3 warm-up runs
+        per cell, then calibration_repeats rounds through every cell; medians, made monotone."""
         sizes = self._batch_sizes()
         items = {b: self._calibration_items(b) for b in sizes}
         cells = [(level, b) for level in self.levels for b in sizes]
         for level, b in cells:
             for _ in range(3):
-                self._run(items[b], level)  # warm-up
+                timed(items[b], level)  # warm-up
         runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
         for _ in range(self.settings.calibration_repeats):
             for level, b in cells:
-                t0 = time.perf_counter()
-                self._run(items[b], level)
-                runs[(level, b)].append((time.perf_counter() - t0) * 1000)
+                runs[(level, b)].append(timed(items[b], level))
         ms = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
         return monotone_calibration(sizes, ms)
 
@@ -503,37 +512,30 @@ class ElasticServer:
     CLEAN_RUN = 0.9  # a re-measured run counts only if this thread had the CPU for this share of its wall time
 
     def _idle(self) -> bool:
-        return not self._in_batch and time.monotonic() - self._last_end_mono >= self.IDLE_S
+        last = self._last_end if self._last_end is not None else self._ready_at
+        return not self._in_batch and time.perf_counter() - last >= self.IDLE_S
+
+    def _timed_run_when_idle(self, items: list[Any], level: int) -> float:
+        """Milliseconds of one ``_run`` that started while the worker was idle, overlapped no
+        batch and had the CPU for CLEAN_RUN of its time; other runs are repeated a second later."""
+        while True:
+            while not self._idle():
+                time.sleep(0.2)
+            before = self.counters["batches"]
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            self._run(items, level)
+            ms = (time.perf_counter() - t0) * 1000
+            cpu_ms = (time.thread_time() - cpu0) * 1000
+            if self.counters["batches"] == before and not self._in_batch and cpu_ms >= self.CLEAN_RUN * ms:
+                return ms
+            time.sleep(1.0)  # the core was busy (this worker's batch, another worker, another tenant)
 
     def _remeasure_when_idle(self, key: dict) -> None:
         """Re-time every (level, batch size) cell as ``calibrate`` does, one run at a time and
-        only while the worker is idle; a run that overlapped a batch, or during which this thread
-        had the CPU for less than CLEAN_RUN of the time (another worker or process on the core),
-        is discarded and repeated a second later.
-        When every cell has its repeats, the new calibration replaces the stored one (here and on
-        disk). A batch that arrives during a run shares the CPU with that one run (<= t_k(b_max)
-        of the largest level)."""
-        sizes = self._batch_sizes()
-        items = {b: self._calibration_items(b) for b in sizes}
-        cells = [(level, b) for level in self.levels for b in sizes]
-        runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
-        for rep in range(self.settings.calibration_repeats + 1):  # the first round warms up
-            for cell in cells:
-                while True:
-                    while not self._idle():
-                        time.sleep(0.2)
-                    before = self._batches_started
-                    t0, cpu0 = time.perf_counter(), time.thread_time()
-                    self._run(items[cell[1]], cell[0])
-                    ms = (time.perf_counter() - t0) * 1000
-                    cpu_ms = (time.thread_time() - cpu0) * 1000
-                    if self._batches_started == before and not self._in_batch and cpu_ms >= self.CLEAN_RUN * ms:
-                        break
-                    time.sleep(1.0)  # the core was busy (this worker's batch, another worker, another tenant)
-                if rep:
-                    runs[cell].append(ms)
-        ms_table = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
-        self.calibration = monotone_calibration(sizes, ms_table)
+        only while the worker is idle (``_timed_run_when_idle``). When every cell has its
+        repeats, the new calibration replaces the stored one (here and on disk). A batch that
+        arrives during a run shares the CPU with that one run (<= t_k(b_max) of the largest level)."""
+        self.calibration = self._time_cells(self._timed_run_when_idle)
         self.remeasured += 1
         calibration_store.save(self._model_dir, key, self.calibration)
         log.info("stored calibration re-measured while idle: %s", self.calibration.ms)
@@ -612,7 +614,6 @@ class ElasticServer:
         """
         start, now_epoch = time.perf_counter(), time.time()
         self._in_batch = True
-        self._batches_started += 1
         self._observe_gap(start)
         n = len(bodies)
         request_starts = request_starts or [None] * n
@@ -676,8 +677,7 @@ class ElasticServer:
         self.history.append((start, g, n))
         if full:
             self.queue.request()  # the next batch reads a g polled while this one was answered
-        self._last_end, self._last_waiting = time.perf_counter(), full
-        self._last_end_mono, self._in_batch = time.monotonic(), False
+        self._last_end, self._last_waiting, self._in_batch = time.perf_counter(), full, False
         return results  # type: ignore[return-value]
 
     def describe(self) -> dict:
