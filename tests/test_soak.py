@@ -61,7 +61,7 @@ def test_short_soak_with_a_worker_killed_loses_nothing(tiny_elastic, tmp_path):
     config, inf, mgmt, met = local_config(tmp_path)
     store = tmp_path / "store"
     build_mar(tiny_elastic, tiny_elastic, store, {
-        "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 60,
+        "minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 2, "responseTimeout": 60,
         "handler": {"latency_constraint_ms": 200, "management_address": f"http://127.0.0.1:{mgmt}",
                     "query_max_length": 32, "calibration_repeats": 5}}, archive_format="no-archive")
     row, details, metrics = run_soak(config, store, "elasticdenser",
