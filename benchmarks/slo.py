@@ -54,20 +54,30 @@ SERVERS = ("elastic", "elastic-paper", "static", "noop")
 
 @dataclass(frozen=True)
 class Server:
-    """One server configuration: kind (SERVERS), pinned level (static only), T (None for noop)."""
+    """One server configuration: kind (SERVERS), pinned level (static only), T (None for noop),
+    and for an elastic variant one handler setting (key, value) that differs from the default."""
 
     kind: str
     level: int | None = None
     T_ms: float | None = None
+    variant: tuple[str, object] | None = None
 
     @property
     def name(self) -> str:
+        """The TorchServe model name (letters, digits, - and _)."""
         t = "" if self.T_ms is None else f"-T{self.T_ms:g}"
-        return f"{self.kind}{self.level or ''}{t}"
+        v = "" if self.variant is None else "-" + f"{self.variant[0]}{self.variant[1]}".replace(".", "p")
+        return f"{self.kind}{self.level or ''}{v}{t}"
+
+    @property
+    def label(self) -> str:
+        """slo.json's "server": the kind, with an elastic variant's setting."""
+        return self.kind if self.variant is None else f"{self.kind} {self.variant[0]}={self.variant[1]}"
 
     def handler_settings(self) -> dict:
         if self.kind == "elastic":
-            return {"latency_constraint_ms": self.T_ms, "schedule": "deadline", "late_requests": "shed"}
+            return {"latency_constraint_ms": self.T_ms, "schedule": "deadline", "late_requests": "shed",
+                    **dict([self.variant] if self.variant else [])}
         if self.kind == "elastic-paper":
             return {"latency_constraint_ms": self.T_ms, "schedule": "paper", "late_requests": "serve"}
         if self.kind == "static":
@@ -98,7 +108,7 @@ def score(records: list[dict], T_ms: float, duration_s: float, qrels: dict, serv
         w[1] += r["status"] == 200 and r["latency_ms"] <= T_ms
     levels = [r["level"] for r in ok if r["level"] is not None]
     row = {
-        "server": server.kind, "level": server.level, "T_ms": T_ms, "rate_rps": rate, "requests": n, "ok": len(ok),
+        "server": server.label, "level": server.level, "T_ms": T_ms, "rate_rps": rate, "requests": n, "ok": len(ok),
         "shed": sum(r["status"] == 503 for r in rows), "errors": sum(r["status"] not in (200, 503) for r in rows),
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if ok else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if ok else None,
@@ -270,13 +280,24 @@ def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path,
 
 
 def sustainable(rows: list[dict], server: str, level, T: float) -> float | None:
-    """Highest rate at which every run of (server, level, T) had within_T >= 0.99."""
+    """Highest rate at which, and at every lower rate run, every run of (server, level, T) had
+    within_T >= 0.99 (a rate held after a lower one failed does not count: the lower one shows
+    the server does not hold that load reliably)."""
     by_rate: dict[float, list[float]] = {}
     for r in rows:
         if r["server"] == server and r["level"] == level and r["T_ms"] == T:
             by_rate.setdefault(r["rate_rps"], []).append(r["within_T"])
-    held = [rate for rate, w in by_rate.items() if min(w) >= 0.99]
-    return max(held) if held else None
+    held = None
+    for rate in sorted(by_rate):
+        if min(by_rate[rate]) < 0.99:
+            break
+        held = rate
+    return held
+
+
+def server_order(server: str) -> tuple[int, str]:
+    """Sort key of a row's "server": the order of SERVERS, an elastic variant after elastic."""
+    return SERVERS.index(server.split()[0]), server
 
 
 def label(server: str, level) -> str:
@@ -291,7 +312,8 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     Ts = sorted({r["T_ms"] for r in rows})
-    servers = sorted({(r["server"], r["level"]) for r in rows}, key=lambda s: (SERVERS.index(s[0]), -(s[1] or 0)))
+    servers = sorted({(r["server"], r["level"]) for r in rows},
+                     key=lambda s: (server_order(s[0]), -(s[1] or 0)))
     lines = ["# Open-loop SLO benchmark", "", meta["how"], "",
              "## Sustainable rate (req/s): the highest offered rate where every run kept within_T >= 0.99", "",
              "| server | " + " | ".join(f"T = {T:g} ms" for T in Ts) + " |", "| --- |" + " --- |" * len(Ts)]
@@ -307,7 +329,7 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["server"], r["level"], r["T_ms"], r["rate_rps"]), []).append(r)
-    for (s, lv, T, rate), g in sorted(groups.items(), key=lambda kv: (SERVERS.index(kv[0][0]), -(kv[0][1] or 0),
+    for (s, lv, T, rate), g in sorted(groups.items(), key=lambda kv: (server_order(kv[0][0]), -(kv[0][1] or 0),
                                                                           kv[0][2], kv[0][3])):
         if len(g) > 1:
             def rng(k):
@@ -383,6 +405,8 @@ def main() -> None:
     ap.add_argument("--worker-nice", type=int, help="handler.worker_nice of every model server (default: serve.worker_nice)")
     ap.add_argument("--handler", nargs="+", type=handler_setting, default=[], metavar="KEY=VALUE",
                     help="extra handler settings of every model server, e.g. max_utilization=0.9 (elastic/service.py)")
+    ap.add_argument("--elastic-variants", nargs="+", type=handler_setting, default=[], metavar="KEY=VALUE",
+                    help="one more elastic server per KEY=VALUE, with that handler setting (e.g. max_utilization=0.85)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
     ap.add_argument("--report-only", metavar="HOW", help="write slo.md and the plots from --out/slo.json as it is "
@@ -409,6 +433,7 @@ def main() -> None:
     specs = [Server("noop")] if "noop" in a.servers else []
     for T in a.T:
         specs += [Server(k, None, T) for k in ("elastic", "elastic-paper") if k in a.servers]
+        specs += [Server("elastic", None, T, v) for v in a.elastic_variants]
         if "static" in a.servers:
             specs += [Server("static", lv, T) for lv in a.static_levels]
     for spec in specs:

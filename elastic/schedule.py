@@ -36,10 +36,14 @@ the measured p99 at 1.2-2.6 T:
    a high quantile c of that ratio (its tail; handler.deadline_quantile), and everything that adds
    up over many batches (shedding, the queue bound, the rate bound) uses its mean c̄. A tail
    applied to every future batch would shed requests that the worker can serve. The ratio is
-   learned per level (c_k, c̄_k): serving slows the large SubLMs more than the small ones (on this
-   machine a median ratio of 1.6 for 30 % against 1.3 for 10 % in the same minute; more weights
-   to bring back into cache after the frontend ran), so one ratio for all would make the small
-   levels look slow when the large ones set it, and the large ones fast when the small ones did.
+   learned per level (c_k, c̄_k) once the level has served enough recent batches. A level that
+   has not borrows the ratio of the levels that did, carried over as an additive excess
+   (``transfer_correction``): under load the time lost per batch does not grow with the level.
+   In the SLO sweep of 2026-11-22 a least-squares fit of observed − t_k(b) against the batch
+   size b gave 0.6-0.75 ms per request at 300 req/s for static 5, 10, 20 and 30 % alike, so the
+   ratio falls as t_k grows (c̄ 1.73 for static 10 % against 1.47 for static 20 % in the same
+   sweep). Borrowing the ratio itself made a level that the rush had not served look up to a
+   quarter slower than it was, and kept it out.
 
 3. A request that cannot meet T even at the smallest SubLM (c̄·t_min + o/2 after its age) is
    better answered at once with 503
@@ -299,6 +303,29 @@ def _per_level(value: float | Mapping[int, float], cal: Calibration, name: str) 
     return per
 
 
+def transfer_correction(ratio: float, from_ms: float, to_ms: float, min_c: float = 0.5,
+                        max_c: float = 4.0) -> float:
+    """A ratio of observed / predicted time learned on batches predicted to take ``from_ms``,
+    carried to a level predicted to take ``to_ms`` at the same batch sizes, the excess
+    (ratio − 1)·from_ms being additive (module docstring, point 2):
+
+        c_k = 1 + (ratio − 1) · from_ms / to_ms,   clipped to [min_c, max_c].
+
+    Args:
+        ratio: the learned c or c̄ (> 0). from_ms, to_ms: predicted milliseconds (> 0) of the
+            batches it was learned on and of the level it goes to, at the same batch sizes.
+
+    Returns:
+        The level's ratio; ``ratio`` itself when either time is not positive.
+
+    >>> transfer_correction(2.0, 4.0, 8.0)  # 4 ms lost on a 4-ms batch: 12 ms for an 8-ms one
+    1.5
+    """
+    if not (from_ms > 0 and to_ms > 0):
+        return ratio
+    return min(max(1.0 + (ratio - 1.0) * from_ms / to_ms, min_c), max_c)
+
+
 def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idle_wait_ms: float,
                     last_end_s: float | None = None) -> float:
     """Age of the oldest request of the batch starting at ``now_s``, when no request carries a
@@ -365,11 +392,14 @@ class LatencyCorrection:
             raise ValueError(f"LatencyCorrection: bad window={window}, quantile={quantile}, min_c={min_c}, "
                              f"max_c={max_c}, max_age_s={max_age_s}")
         self.quantile, self.min_c, self.max_c, self.max_age_s = quantile, min_c, max_c, max_age_s
-        self._ratios: deque[tuple[float, float]] = deque(maxlen=window)  # (time s, ratio) in arrival order
+        # (time s, ratio, predicted ms, batch size) in arrival order
+        self._ratios: deque[tuple[float, float, float, int]] = deque(maxlen=window)
         # the same ratios sorted, and their sum, kept per insertion: no sort per batch (p99 of the
         # schedule's cost per batch 103-123 us against 127-135 us with sorted(); schedule_cost)
         self._ranked: list[float] = []
         self._sum = 0.0
+        self._predicted_sum = 0.0  # ms, over the window
+        self._batch_sum = 0
         self.value = 1.0
         self.mean = 1.0
 
@@ -378,16 +408,29 @@ class LatencyCorrection:
         """Batches in the window."""
         return len(self._ratios)
 
+    @property
+    def predicted_mean_ms(self) -> float:
+        """Mean predicted (uncorrected) milliseconds of the batches in the window; 0 when empty."""
+        return self._predicted_sum / len(self._ratios) if self._ratios else 0.0
+
+    @property
+    def batch_mean(self) -> float:
+        """Mean batch size of the batches in the window; 0 when empty."""
+        return self._batch_sum / len(self._ratios) if self._ratios else 0.0
+
     def _drop_oldest(self) -> None:
-        _, old = self._ratios.popleft()
+        _, old, predicted, batch = self._ratios.popleft()
         del self._ranked[bisect.bisect_left(self._ranked, old)]
         self._sum -= old
+        self._predicted_sum -= predicted
+        self._batch_sum -= batch
 
     def _update(self) -> None:
         ranked = self._ranked
         if not ranked:
             self.value = self.mean = 1.0
-            self._sum = 0.0
+            self._sum = self._predicted_sum = 0.0
+            self._batch_sum = 0
             return
         q = ranked[min(len(ranked) - 1, int(self.quantile * len(ranked)))]
         self.value = min(max(q, self.min_c), self.max_c)
@@ -406,16 +449,19 @@ class LatencyCorrection:
         if self._drop_expired(now_s):
             self._update()
 
-    def observe(self, predicted_ms: float, observed_ms: float, now_s: float = 0.0) -> float:
-        """Record one batch (both in ms, predicted without the correction) at ``now_s`` (seconds,
-        any monotonic clock; only differences count) and return the new c."""
+    def observe(self, predicted_ms: float, observed_ms: float, now_s: float = 0.0, batch: int = 1) -> float:
+        """Record one batch of ``batch`` requests (both times in ms, predicted without the
+        correction) at ``now_s`` (seconds, any monotonic clock; only differences count) and
+        return the new c."""
         if predicted_ms > 0 and observed_ms >= 0:
             if len(self._ratios) == self._ratios.maxlen:
                 self._drop_oldest()
             r = observed_ms / predicted_ms
-            self._ratios.append((now_s, r))
+            self._ratios.append((now_s, r, predicted_ms, batch))
             bisect.insort(self._ranked, r)
             self._sum += r
+            self._predicted_sum += predicted_ms
+            self._batch_sum += batch
             self._drop_expired(now_s)
             self._update()
         return self.value

@@ -38,7 +38,8 @@ from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
-                              monotone_calibration, parse_request_start, plan_batch)
+                              monotone_calibration, parse_request_start, plan_batch,
+                              transfer_correction)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,10 @@ class HandlerSettings:
         pin_level: serve every batch with this preserving level (percent): a static baseline
             on the same serving stack. Empty = elastic.
         max_utilization: ρ_max of the deadline rule's rate bound: at the arrival rate the worker
-            sees, the chosen SubLM may fill at most this share of its time (headroom for bursts).
+            sees, the chosen SubLM may fill at most this share of its time. 1.0 (no headroom of
+            its own: a burst meets the queue bound and the batch's own deadline, which step down
+            for the batches it lasts) by the side-by-side probe in README "Under load": 0.7 gave
+            up 0.03-0.07 effective MRR@10 at 200-300 req/s for no better within-T minimum.
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
@@ -101,7 +105,7 @@ class HandlerSettings:
     schedule: str = "deadline"
     late_requests: str = "shed"
     pin_level: Optional[int] = None
-    max_utilization: float = 0.7
+    max_utilization: float = 1.0
     deadline_quantile: float = 0.98
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
@@ -546,13 +550,21 @@ class ElasticServer:
     def _corrections(self, now_s: float) -> tuple[dict[int, float], dict[int, float]]:
         """(c_k, c̄_k) per level for plan_batch at ``now_s`` (perf_counter seconds): the level's
         own ratio once it has LEVEL_MIN_BATCHES batches of the last CORRECTION_MAX_AGE_S in its
-        window, else the ratio over all levels (1 when no batch ran in that time)."""
-        self.correction.expire(now_s)
+        window, else the ratio over all levels carried to this level as an additive excess
+        (``transfer_correction``, at the window's mean batch size; 1 when no batch ran in that
+        time)."""
+        every = self.correction
+        every.expire(now_s)
+        from_ms, b = every.predicted_mean_ms, every.batch_mean
         c, cm = {}, {}
         for k, own in self.level_correction.items():
             own.expire(now_s)
-            src = own if own.count >= self.LEVEL_MIN_BATCHES else self.correction
-            c[k], cm[k] = src.value, src.mean
+            if own.count >= self.LEVEL_MIN_BATCHES:
+                c[k], cm[k] = own.value, own.mean
+            else:
+                to_ms = self.calibration.t(k, b) if b >= 1 else 0.0
+                c[k] = transfer_correction(every.value, from_ms, to_ms, every.min_c, every.max_c)
+                cm[k] = transfer_correction(every.mean, from_ms, to_ms, every.min_c, every.max_c)
         return c, cm
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
@@ -659,8 +671,8 @@ class ElasticServer:
                 t1 = time.perf_counter()
                 model_ms = (t1 - t0) * 1000
                 predicted = self.calibration.t(plan.level, len(keep))
-                self.correction.observe(predicted, model_ms, t1)
-                self.level_correction[plan.level].observe(predicted, model_ms, t1)
+                self.correction.observe(predicted, model_ms, t1, len(keep))
+                self.level_correction[plan.level].observe(predicted, model_ms, t1, len(keep))
                 # W3C Server-Timing: the request's age when its batch began (the schedule's input),
                 # what the batch spent in the model and in the whole handler so far, so a client
                 # can tell waiting, the model and the serving stack apart

@@ -98,3 +98,21 @@ def test_slo_interleaving_rotates_servers_and_repeats_each_capacity_point():
            other_T: [(100.0, 1.0), (200.0, 0.5)]}
     points = repeat_points(ran, [50.0])
     assert points == {elastic: {200.0, 300.0}, static: {100.0, 200.0}, noop: {200.0}}
+
+
+def test_slo_sustainable_rate_needs_every_lower_rate_held_and_variants_are_named_apart():
+    from benchmarks.slo import Server, server_order, sustainable
+
+    def row(rate, w, server="elastic"):
+        return {"server": server, "level": None, "T_ms": 50.0, "rate_rps": rate, "within_T": w}
+
+    rows = [row(100, 0.999), row(200, 0.995), row(200, 0.991), row(300, 0.999), row(300, 0.98), row(400, 0.999)]
+    assert sustainable(rows, "elastic", None, 50.0) == 200  # 300 failed once: 400 holding after it does not count
+    rows = [row(100, 0.97), row(200, 0.999)]
+    assert sustainable(rows, "elastic", None, 50.0) is None  # the lowest rate failed
+    assert sustainable(rows, "static", 5, 50.0) is None  # no runs
+    v = Server("elastic", None, 50.0, ("max_utilization", 0.85))
+    assert v.name == "elastic-max_utilization0p85-T50" and v.label == "elastic max_utilization=0.85"
+    assert v.handler_settings()["max_utilization"] == 0.85 and "max_utilization" not in Server("elastic", None,
+                                                                                               50.0).handler_settings()
+    assert sorted(["static", v.label, "noop", "elastic"], key=server_order) == ["elastic", v.label, "static", "noop"]

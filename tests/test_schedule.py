@@ -6,6 +6,7 @@ import math
 import pytest
 
 from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, expected_latency_ms, parse_request_start,
+                             transfer_correction,
                               plan_batch)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
@@ -174,6 +175,29 @@ def test_latency_correction_forgets_ratios_older_than_max_age():
         old.observe(10.0, 20.0, float(t))
     old.expire(1e9)
     assert old.count == 3 and old.value == 2.0
+
+
+def test_latency_correction_keeps_the_mean_predicted_time_and_batch_of_its_window():
+    c = LatencyCorrection(window=2, max_age_s=5.0)
+    assert c.predicted_mean_ms == 0.0 and c.batch_mean == 0.0
+    c.observe(4.0, 8.0, 0.0, 2)
+    c.observe(8.0, 8.0, 1.0, 6)
+    assert c.predicted_mean_ms == 6.0 and c.batch_mean == 4.0
+    c.observe(10.0, 10.0, 2.0, 1)  # the window holds 2: the first batch leaves
+    assert c.predicted_mean_ms == 9.0 and c.batch_mean == 3.5
+    c.expire(6.5)  # only the last is younger than 5 s
+    assert c.predicted_mean_ms == 10.0 and c.batch_mean == 1.0
+    c.expire(100.0)
+    assert c.predicted_mean_ms == 0.0 and c.batch_mean == 0.0
+
+
+def test_transfer_correction_carries_the_excess_in_milliseconds():
+    assert transfer_correction(2.0, 4.0, 8.0) == 1.5  # 4 ms lost: 12 / 8
+    assert transfer_correction(2.0, 8.0, 4.0) == 3.0  # 8 ms lost: 12 / 4
+    assert transfer_correction(0.8, 5.0, 10.0) == pytest.approx(0.9)  # faster than calibrated: the saving too
+    assert transfer_correction(3.0, 10.0, 4.0, max_c=4.0) == 4.0  # clipped
+    assert transfer_correction(1.7, 0.0, 4.0) == 1.7 and transfer_correction(1.7, 4.0, 0.0) == 1.7
+    assert transfer_correction(1.0, 3.0, 30.0) == 1.0
 
 
 NOW = 1_700_000_000.0  # seconds since the epoch

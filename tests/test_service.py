@@ -173,14 +173,32 @@ def test_a_level_uses_its_own_correction_once_it_has_served_enough_batches(retri
     monkeypatch.setattr(retriever, "correction", LatencyCorrection())
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection() for k in levels})
     small, large = levels[-1], levels[0]
+    t = retriever.calibration.t
     for _ in range(retriever.LEVEL_MIN_BATCHES - 1):
-        retriever.correction.observe(10.0, 15.0)  # all levels: 1.5
-        retriever.level_correction[small].observe(10.0, 20.0)  # the small level alone: 2.0
+        retriever.correction.observe(t(small, 1), 1.5 * t(small, 1))  # all levels: 1.5
+        retriever.level_correction[small].observe(t(small, 1), 2.0 * t(small, 1))  # the small level alone: 2.0
     c, cm = retriever._corrections(1.0)
-    assert c[small] == 1.5 and cm[small] == pytest.approx(1.5)  # too few batches of its own: the all-level ratio
-    retriever.level_correction[small].observe(10.0, 20.0)
+    assert c[small] == pytest.approx(1.5) and cm[small] == pytest.approx(1.5)  # too few of its own: all levels'
+    retriever.level_correction[small].observe(t(small, 1), 2.0 * t(small, 1))
     c, cm = retriever._corrections(1.0)
-    assert c[small] == 2.0 and cm[small] == pytest.approx(2.0) and c[large] == 1.5
+    assert c[small] == 2.0 and cm[small] == pytest.approx(2.0)
+    # the large level borrows the all-level excess (0.5·t_small ms), not the ratio
+    assert c[large] == pytest.approx(1 + 0.5 * t(small, 1) / t(large, 1)) and c[large] < 1.5
+
+
+def test_a_borrowed_correction_is_an_additive_excess_at_the_mean_batch(retriever, monkeypatch):
+    levels = retriever.levels
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection())
+    monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection() for k in levels})
+    cal = retriever.calibration
+    small, large = levels[-1], levels[0]
+    for b in (2, 4):  # the small level lost 30 % of its time; mean batch 3
+        t = cal.t(small, b)
+        retriever.correction.observe(t, 1.3 * t, 0.0, b)
+    c, cm = retriever._corrections(0.0)
+    from_ms = (cal.t(small, 2) + cal.t(small, 4)) / 2
+    assert cm[large] == pytest.approx(1 + 0.3 * from_ms / cal.t(large, 3))
+    assert 1.0 < cm[large] < cm[small] == pytest.approx(1 + 0.3 * from_ms / cal.t(small, 3))
 
 
 def test_a_level_held_off_by_old_ratios_comes_back_when_they_expire(retriever, monkeypatch):
@@ -189,11 +207,12 @@ def test_a_level_held_off_by_old_ratios_comes_back_when_they_expire(retriever, m
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(max_age_s=age))
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(max_age_s=age) for k in levels})
     small = levels[-1]
+    ts = retriever.calibration.t(small, 1)
     for _ in range(retriever.LEVEL_MIN_BATCHES + 5):  # a stall at t = 0: the small level at the 4.0 clip
-        retriever.level_correction[small].observe(10.0, 60.0, 0.0)
-        retriever.correction.observe(10.0, 60.0, 0.0)
-    for _ in range(5):  # other levels since, at 1.5
-        retriever.correction.observe(10.0, 15.0, age - 1)
+        retriever.level_correction[small].observe(ts, 6 * ts, 0.0)
+        retriever.correction.observe(ts, 6 * ts, 0.0)
+    for _ in range(5):  # batches since, at 1.5
+        retriever.correction.observe(ts, 1.5 * ts, age - 1)
     assert retriever._corrections(age - 0.5)[0][small] == 4.0  # its own ratios still count: held off
     c, cm = retriever._corrections(age + 0.5)  # the stall's ratios are older than CORRECTION_MAX_AGE_S
     assert c[small] == 1.5 and cm[small] == pytest.approx(1.5) and retriever.level_correction[small].count == 0
