@@ -12,7 +12,9 @@ Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_ba
 - noop: benchmarks/noop_handler.py, no model: the ceiling of the serving stack (independent of T,
   so one run per rate is scored against every T).
 
-All servers are registered side by side in one TorchServe on CPU 0 (``interleaved``); the rates
+All servers are registered side by side in one TorchServe on CPU 0 (``interleaved``), each
+measuring its t_k at registration (handler.calibration_cache off: no idle worker re-measures in
+the background while another is under test); the rates
 run in ascending order, and at each rate every server in turn (a rotating order), each run a
 warm-up then a measured window of Locust (benchmarks/openloop.py) pinned to CPU 1. A server
 leaves the sweep after the first rate where within_T < --stop-below (it has collapsed). Then the
@@ -428,7 +430,12 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = json.loads((a.out / "slo.json").read_text()) if a.append and (a.out / "slo.json").exists() else []
     t0 = time.time()
-    extra = {"worker_nice": a.worker_nice} if a.worker_nice is not None else {}
+    # every worker measures t_k at its registration, one after another; a stored calibration would
+    # be re-measured in the background by each idle worker, on the core of the server under test
+    # (seen: the first pass at 50 req/s lost up to 15 % of its requests, the no-op server's too)
+    extra = {"calibration_cache": False}
+    if a.worker_nice is not None:
+        extra["worker_nice"] = a.worker_nice
     extra.update(a.handler)
     specs = [Server("noop")] if "noop" in a.servers else []
     for T in a.T:
@@ -443,7 +450,8 @@ def main() -> None:
     rows = rows + interleaved(cfg, specs, store, work, a, qrels)
     (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")
     how = (f"`python -m benchmarks.slo {' '.join(sys.argv[1:])}` (last invocation) on this 2-core machine: "
-           "one TorchServe (frontend and a worker per server) on CPU 0, the servers interleaved at each rate, "
+           "one TorchServe (frontend and a worker per server, each calibrated at registration) on CPU 0, the "
+           "servers interleaved at each rate, "
            f"Locust open-loop Poisson arrivals on CPU 1; worker nice "
            f"{extra.get('worker_nice', cfg.serve.worker_nice)}; batchSize {s.batch_size}, maxBatchDelay "
            f"{s.max_batch_delay_ms} ms; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
