@@ -38,8 +38,8 @@ from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
-                              monotone_calibration, parse_request_start, plan_batch,
-                              transfer_correction)
+                              level_corrections, monotone_calibration, parse_request_start,
+                              plan_batch)
 
 log = logging.getLogger(__name__)
 
@@ -553,19 +553,10 @@ class ElasticServer:
         window, else the ratio over all levels carried to this level as an additive excess
         (``transfer_correction``, at the window's mean batch size; 1 when no batch ran in that
         time)."""
-        every = self.correction
-        every.expire(now_s)
-        from_ms, b = every.predicted_mean_ms, every.batch_mean
-        c, cm = {}, {}
-        for k, own in self.level_correction.items():
+        self.correction.expire(now_s)
+        for own in self.level_correction.values():
             own.expire(now_s)
-            if own.count >= self.LEVEL_MIN_BATCHES:
-                c[k], cm[k] = own.value, own.mean
-            else:
-                to_ms = self.calibration.t(k, b) if b >= 1 else 0.0
-                c[k] = transfer_correction(every.value, from_ms, to_ms, every.min_c, every.max_c)
-                cm[k] = transfer_correction(every.mean, from_ms, to_ms, every.min_c, every.max_c)
-        return c, cm
+        return level_corrections(self.correction, self.level_correction, self.calibration, self.LEVEL_MIN_BATCHES)
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
     OVERHEAD_CAP_MS = 100.0  # a longer gap is not overhead (e.g. a GC pause): ignored

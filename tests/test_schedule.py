@@ -299,3 +299,13 @@ def test_correction_per_level():
         plan_batch([0.0], 0, 50.0, CAL, 1, correction={50: 1.0})
     with pytest.raises(ValueError, match="mean_correction must be > 0"):
         plan_batch([0.0], 0, 50.0, CAL, 1, mean_correction={50: 1.0, 30: 0.0, 10: 1.0})
+
+
+def test_calibration_table_lookup_equals_interpolation():
+    cal = Calibration((1, 2, 4, 8), {10: (1.0, 1.5, 2.5, 4.5), 50: (3.0, 4.0, 7.0, 12.0)})
+    for level in (10, 50):
+        for b in range(1, 9):
+            assert cal.t(level, b) == cal._interpolate(level, b)
+    assert cal.t(50, 3) == pytest.approx(5.5) and cal.t(50, 6) == pytest.approx(9.5)
+    assert cal.t(50, 3.0) == pytest.approx(5.5) and cal.t(50, 2.5) == pytest.approx(4.75)  # a mean batch size
+    assert cal.t(50, 16) == pytest.approx(22.0)  # extrapolated past the last measured size
