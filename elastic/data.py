@@ -1,5 +1,5 @@
 """Readers for the retrieval data formats (plain or .gz): ``id<TAB>text`` files for queries and
-passages, TREC qrels (``qid 0 pid rel``). Errors name the file and line."""
+passages, TREC qrels (``qid 0 pid rel``), candidate runs. Errors name the file and line."""
 
 from __future__ import annotations
 
@@ -55,6 +55,35 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
+
+
+def read_run(path: str | Path) -> dict[str, list[str]]:
+    """A candidate run -> {qid: [pid, ...]} best first: TREC run format (``qid Q0 pid rank score
+    tag``, ordered by score, ties by rank) or the packed ``qid pid rank`` (ordered by rank).
+
+    Raises:
+        ValueError: a line with another number of fields or a non-numeric rank or score; an
+            empty file.
+    """
+    rows: dict[str, list[tuple[float, int, str]]] = {}
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                if len(parts) == 6:
+                    key = (-float(parts[4]), int(parts[3]), parts[2])
+                elif len(parts) == 3:
+                    key = (float(parts[2]), 0, parts[1])
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 'qid Q0 pid rank score tag' or 'qid pid rank'") from None
+            rows.setdefault(parts[0], []).append(key)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return {q: [pid for *_, pid in sorted(v)] for q, v in rows.items()}
 
 
 def read_wikitext(path: str | Path, min_words: int = 8) -> list[str]:

@@ -33,6 +33,8 @@ class DataConfig:
                              "a query of dev_queries among them is an error")
     dev_queries: str = _f("data/msmarco/queries.dev500.tsv", "qid<TAB>query evaluation queries")
     qrels: str = _f("data/msmarco/qrels.dev500.tsv", "TREC qrels for dev_queries")
+    candidates: str = _f("data/msmarco/bm25.top20.dev500.tsv", "first-stage candidates of dev_queries that the rerank "
+                         "benchmark reranks (TREC run format, or qid pid rank)")
 
 
 @dataclass
@@ -198,6 +200,35 @@ class GlueConfig:
 
 
 @dataclass
+class RankerConfig:
+    """ElasticRanker's teacher (paper §4.4, eq. 9 with eq. 11: LCE), training/ranker_teacher.py."""
+
+    teacher: str = _f("", "a cross-encoder checkpoint directory (one-label BertForSequenceClassification, e.g. a "
+                      "user's ms-marco-MiniLM-L-6-v2) used as the ranker's teacher; empty = train one here from "
+                      "prune.teacher with LCE")
+    max_length: int = _f(160, "tokens per (query, passage) pair, the passage cut from its end")
+    train_queries: int = _f(2400, "training queries (a seeded sample of data.train_queries) the teacher learns from")
+    depth: int = _f(30, "passages taken from each retriever (BM25, the dense teacher) per training query")
+    rrf_k: float = _f(60.0, "the constant of reciprocal rank fusion (Cormack et al. 2009: 60)")
+    positive: str = _f("dense", "the pseudo-positive of a training query: dense (the dense teacher's top-1) or rrf (the "
+                       "top of the RRF of BM25 and the dense teacher); benchmarks.rerank measures both on the dev "
+                       "queries' qrels (rerank_labels.json: P@1 0.372 dense, 0.286 rrf)")
+    group_size: int = _f(8, "m of eq. 9: the pseudo-positive and m - 1 localized negatives per query")
+    kd_weight: float = _f(1.0, "weight of the listwise KL to the dense teacher's scores of the group, beside LCE "
+                          "(training/rank_kd_loss.py; 0 = LCE alone)")
+    kd_temperature: float = _f(1.0, "temperature of that KL (the KL is multiplied by its square)")
+    batch_queries: int = _f(4, "queries per step (batch_queries x group_size pairs)")
+    steps: int = _f(300, "optimizer steps of the teacher")
+    lr: float = _f(7e-5, "AdamW peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup: float = _f(0.1, "fraction of steps of linear warmup")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    eval_depth: int = _f(20, "candidates per query that the rerank benchmark reranks")
+    eval_batch_size: int = _f(32, "pairs per batch when scoring")
+    seed: int = _f(0, "seed of the query sample, the head's initialisation and batch sampling")
+
+
+@dataclass
 class RecipeConfig:
     run_dir: str = _f("runs/demo", "where every step writes (git-ignored)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +245,7 @@ class RecipeConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
     glue: GlueConfig = field(default_factory=GlueConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
 
     @property
     def run(self) -> Path:
@@ -279,6 +311,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"config prune.score_objective: expected 'query_distill', 'contrastive' or 'relation', "
                          f"got {cfg.prune.score_objective!r}")
     _validate_glue(cfg.glue)
+    _validate_ranker(cfg.ranker)
     qd = cfg.query_distill
     if qd.cos_weight < 0 or qd.kd_weight < 0 or qd.cos_weight + qd.kd_weight == 0:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
@@ -332,6 +365,25 @@ def _validate_glue(g: GlueConfig) -> None:
         raise ValueError("config glue.dropout: a probability in [0, 1)")
     if g.max_train_examples < 0 or g.length_window < 0:
         raise ValueError("config glue.max_train_examples / length_window: must be >= 0 (0 = all / uniform)")
+
+
+def _validate_ranker(r: RankerConfig) -> None:
+    for name in ("train_queries", "depth", "batch_queries", "steps", "eval_depth", "eval_batch_size"):
+        if getattr(r, name) < 1:
+            raise ValueError(f"config ranker.{name}: must be >= 1")
+    if r.max_length <= 8:
+        raise ValueError(f"config ranker.max_length: must be > 8 tokens, got {r.max_length}")
+    if not 2 <= r.group_size <= r.depth:
+        raise ValueError(f"config ranker.group_size: must be in [2, ranker.depth = {r.depth}], got {r.group_size}")
+    for name in ("rrf_k", "lr", "max_grad_norm", "kd_temperature"):
+        if not getattr(r, name) > 0:
+            raise ValueError(f"config ranker.{name}: must be > 0")
+    if r.positive not in ("dense", "rrf"):
+        raise ValueError(f"config ranker.positive: expected 'dense' or 'rrf', got {r.positive!r}")
+    if r.kd_weight < 0:
+        raise ValueError("config ranker.kd_weight: must be >= 0 (0 = LCE alone)")
+    if not 0 <= r.warmup < 1:
+        raise ValueError("config ranker.warmup: a fraction of steps in [0, 1)")
 
 
 def load_config(path: str | Path | None) -> RecipeConfig:

@@ -1,0 +1,221 @@
+"""ElasticRanker's foundations (paper §4.4, eq. 9-11): the cross-encoder, LCE, reciprocal rank
+fusion, candidate runs, the teacher stage and the rerank benchmark, on tiny checkpoints that the
+tests write themselves."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from elastic.data import read_run
+from elastic.ranker import CrossEncoder, reciprocal_rank_fusion
+from tests.conftest import make_tiny_checkpoint, tiny_collection
+from training.lce_loss import lce_loss
+from training.rank_kd_loss import listwise_kd
+
+
+def test_rrf_sums_reciprocal_ranks_and_keeps_first_appearance_on_ties():
+    a = [[1, 2, 3], [7, 8]]
+    b = [[3, 1, 4], [8, 9]]
+    fused = reciprocal_rank_fusion([a, b], k=1.0)
+    # query 0: 1 -> 1/2 + 1/3, 3 -> 1/4 + 1/2, 2 -> 1/3, 4 -> 1/4
+    assert fused[0] == [1, 3, 2, 4]
+    assert fused[1] == [8, 7, 9]  # 8: 1/3 + 1/2; 7: 1/2; 9: 1/3
+    assert reciprocal_rank_fusion([[[5, 6]], [[6, 5]]], k=60.0) == [[5, 6]]  # a tie: first appearance
+    assert reciprocal_rank_fusion([a, b], depth=2) == [[1, 3], [8, 7]]
+    with pytest.raises(ValueError, match="rankings cover \\[2, 1\\] queries"):
+        reciprocal_rank_fusion([a, b[:1]])
+    with pytest.raises(ValueError, match="k must be > 0"):
+        reciprocal_rank_fusion([a], k=0)
+    with pytest.raises(ValueError, match="no rankings"):
+        reciprocal_rank_fusion([])
+
+
+def test_lce_is_the_negative_log_softmax_of_the_positive():
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    loss = lce_loss(scores)
+    want = (-(2.0 - math.log(math.exp(2) + 1 + math.exp(1))) + math.log(3)) / 2
+    assert loss.item() == pytest.approx(want)
+    loss.backward()
+    assert (scores.grad[:, 0] < 0).all() and (scores.grad[:, 1:] > 0).all()  # descent raises the positive
+    with pytest.raises(ValueError, match="expected \\(B, m >= 2\\) scores"):
+        lce_loss(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="expected \\(B, m >= 2\\) scores"):
+        lce_loss(torch.zeros(3))
+
+
+def test_listwise_kd_is_zero_at_the_teacher_and_scaled_by_temperature_squared():
+    t = torch.tensor([[3.0, 1.0, 0.0]])
+    assert listwise_kd(t.clone(), t, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.tensor([[0.0, 1.0, 3.0]])
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    assert listwise_kd(s, t, 2.0).item() == pytest.approx(4 * float((p * (p / q).log()).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="student scores \\(1, 3\\) vs teacher \\(1, 2\\)"):
+        listwise_kd(s, t[:, :2], 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        listwise_kd(s, t, 0.0)
+
+
+def test_read_run_orders_trec_runs_by_score_and_packed_runs_by_rank(tmp_path):
+    trec = tmp_path / "run.trec"
+    trec.write_text("q1 Q0 p1 2 3.5 bm25\nq1 Q0 p2 1 9.0 bm25\nq2 Q0 p3 1 1.0 bm25\n")
+    assert read_run(trec) == {"q1": ["p2", "p1"], "q2": ["p3"]}
+    packed = tmp_path / "run.tsv"
+    packed.write_text("q1\tp9\t2\nq1\tp8\t1\n")
+    assert read_run(packed) == {"q1": ["p8", "p9"]}
+    assert len(read_run("data/msmarco/bm25.top20.dev500.tsv")) == 500
+    bad = tmp_path / "bad.trec"
+    bad.write_text("q1 Q0 p1 one 3.5 bm25\n")
+    with pytest.raises(ValueError, match="bad.trec:1: expected 'qid Q0 pid rank score tag' or 'qid pid rank'"):
+        read_run(bad)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="no rows"):
+        read_run(tmp_path / "empty")
+
+
+@pytest.fixture(scope="module")
+def hf_cross_encoder(tmp_path_factory):
+    """A tiny one-label BertForSequenceClassification: how a user's cross-encoder is saved."""
+    from transformers import BertForSequenceClassification
+
+    out = make_tiny_checkpoint(tmp_path_factory.mktemp("xenc"), seed=5, num_labels=1)
+    return out, BertForSequenceClassification.from_pretrained(out).eval()
+
+
+def test_cross_encoder_scores_equal_transformers(hf_cross_encoder):
+    path, hf = hf_cross_encoder
+    ours = CrossEncoder(path, max_length=24)
+    qs = ["what is a cross encoder", "who wrote hamlet"]
+    ps = ["A cross-encoder reads the query and the passage together. " * 4, "Hamlet is a play by Shakespeare."]
+    tok = ours.tokenizer(qs, ps, truncation="only_second", max_length=24, padding=True, return_tensors="pt")
+    assert tok["input_ids"].shape[1] == 24  # the long passage was cut, the query kept
+    with torch.no_grad():
+        ref = hf(**tok).logits[:, 0]
+    assert torch.allclose(ours.score(qs, ps, level=100, batch_size=1), ref, atol=1e-5)
+    assert ours.levels == [100]
+    with pytest.raises(ValueError, match="2 queries but 1 passages"):
+        ours.score(qs, ps[:1], 100)
+    with pytest.raises(ValueError, match="level 50 is not one of \\[100\\]"):
+        ours.score(qs, ps, 50)
+
+
+def test_a_classifier_with_two_outputs_is_not_a_cross_encoder(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "cls", num_labels=2)
+    with pytest.raises(ValueError, match="the checkpoint has 2 labels, task rerank needs 1"):
+        CrossEncoder(path)
+    with pytest.raises(ValueError, match="max_length must be > 8"):
+        CrossEncoder(path, max_length=8)
+
+
+def test_ranker_config_fails_at_load_naming_the_field(tmp_path):
+    from training.config import load_config
+
+    for body, field in (("ranker: {group_size: 40, depth: 30}", "ranker.group_size"),
+                        ("ranker: {max_length: 4}", "ranker.max_length"),
+                        ("ranker: {rrf_k: 0}", "ranker.rrf_k"), ("ranker: {steps: 0}", "ranker.steps"),
+                        ("ranker: {lr: fast}", "ranker.lr"), ("ranker: {positive: bm25}", "ranker.positive"),
+                        ("ranker: {kd_weight: -1}", "ranker.kd_weight")):
+        f = tmp_path / "r.yaml"
+        f.write_text(body + "\n")
+        with pytest.raises(ValueError, match=f"config {field}"):
+            load_config(f)
+
+
+@pytest.fixture(scope="module")
+def ranker_cfg(tmp_path_factory, tiny_dir):
+    """A recipe on the tiny teacher, 150 passages, 24 training queries, 20 judged dev queries
+    whose candidates are BM25-like runs over the tiny collection."""
+    from elastic.data import read_tsv
+    from training.config import RecipeConfig
+
+    root = tmp_path_factory.mktemp("ranker")
+    col = tiny_collection(150)
+    pids = list(col)
+    (root / "collection.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in col.items()))
+    train = list(read_tsv("data/train-queries/msmarco.train.tsv.gz").items())[:24]
+    (root / "train.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in train))
+    dev = list(read_tsv("data/msmarco/queries.dev500.tsv").items())[:20]
+    (root / "dev.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in dev))
+    (root / "qrels.tsv").write_text("".join(f"{q} 0 {pids[i]} 1\n" for i, (q, _) in enumerate(dev)))
+    (root / "cands.tsv").write_text("".join(f"{q}\t{pids[(i + j) % len(pids)]}\t{j + 1}\n"
+                                            for i, (q, _) in enumerate(dev) for j in range(6)))
+    cfg = RecipeConfig(run_dir=str(root / "run"))
+    d, r = cfg.data, cfg.ranker
+    d.collection, d.dev_queries, d.qrels, d.candidates = (str(root / f) for f in
+                                                          ("collection.tsv", "dev.tsv", "qrels.tsv", "cands.tsv"))
+    d.train_queries = [str(root / "train.tsv")]
+    cfg.prune.teacher = str(tiny_dir)
+    r.train_queries, r.depth, r.group_size, r.batch_queries, r.steps, r.max_length = 16, 8, 4, 2, 3, 48
+    r.eval_depth, r.eval_batch_size = 5, 8
+    cfg.train.device, cfg.train.checkpoint_every, cfg.train.log_every = "cpu", 2, 1
+    cfg.encode.batch_size = 64
+    return cfg
+
+
+def test_teacher_trains_with_lce_on_fused_candidates_then_skips_when_done(ranker_cfg, capsys):
+    from training.ranker_teacher import ranker_data, train_teacher
+
+    data = ranker_data(ranker_cfg)
+    assert len(data.queries) == 16 and all(len(set(f)) == len(f) >= 8 for f in data.fused)
+    # positive "dense": each query's first candidate is the dense teacher's top-1
+    top1 = (data.query_emb @ data.passage_emb.T).argmax(1).tolist()
+    assert [f[0] for f in data.fused] == top1
+    import copy
+
+    rrf_cfg = copy.deepcopy(ranker_cfg)
+    rrf_cfg.ranker.positive = "rrf"
+    rrf = ranker_data(rrf_cfg)
+    assert [sorted(f) for f in rrf.fused] == [sorted(f) for f in data.fused]  # the same candidates, reordered
+    out = train_teacher(ranker_cfg)
+    assert out == ranker_cfg.run / "ranker" / "teacher"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_labels"] == 1 and config["architectures"] == ["BertForSequenceClassification"]
+    log = [json.loads(x) for x in (ranker_cfg.run / "checkpoints" / "ranker_teacher" / "train_log.jsonl")
+           .read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in log)
+    assert not (ranker_cfg.run / "checkpoints" / "ranker_teacher" / "checkpoint.pt").exists()
+    assert CrossEncoder(out).levels == [100]
+    capsys.readouterr()
+    assert train_teacher(ranker_cfg) == out and "is up to date" in capsys.readouterr().out
+
+
+def test_a_given_cross_encoder_is_the_teacher_and_a_wrong_one_fails_before_training(ranker_cfg, hf_cross_encoder,
+                                                                                     tmp_path):
+    import copy
+
+    from training.ranker_teacher import train_teacher
+
+    cfg = copy.deepcopy(ranker_cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.ranker.teacher = str(hf_cross_encoder[0])
+    assert train_teacher(cfg) == hf_cross_encoder[0] and not (tmp_path / "run").exists()
+    cfg.ranker.teacher = str(make_tiny_checkpoint(tmp_path / "two", num_labels=2))
+    with pytest.raises(ValueError, match="the checkpoint has 2 labels, task rerank needs 1"):
+        train_teacher(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerank_benchmark_rows_and_pseudo_label_check(ranker_cfg, tmp_path):
+    from benchmarks.rerank import ROW_KEYS, run
+    from training.ranker_teacher import train_teacher
+
+    train_teacher(ranker_cfg)
+    rows = run(ranker_cfg, None, None, None, None, None, tmp_path)
+    assert json.loads((tmp_path / "rerank.json").read_text()) == rows
+    assert all(tuple(r) == ROW_KEYS for r in rows)
+    assert [(r["system"], r["first_stage"]) for r in rows] == [("bm25", "bm25"), ("dense-teacher", "bm25"),
+                                                               ("ranker-teacher", "bm25")]
+    bm25, dense, ranker = rows
+    # candidates j = 0..5 of query i start at its judged passage: BM25 order ranks it first
+    assert bm25["mrr_at_10"] == 1.0 and all(0 <= r["mrr_at_10"] <= 1 for r in rows)
+    assert all(r["ndcg_at_10"] is None for r in rows)  # binary qrels
+    assert ranker["gflops_per_pair"] > 0 and ranker["latency_ms_per_query"] > 0 and bm25["gflops_per_pair"] is None
+    labels = json.loads((tmp_path / "rerank_labels.json").read_text())
+    assert labels["queries"] == 20 and set(labels) >= {"bm25", "dense-teacher", "rrf"}
+    assert all(0 <= labels[k]["p_at_1"] <= 1 for k in ("bm25", "dense-teacher", "rrf"))
+    assert (tmp_path / "rerank.png").exists() and "Pseudo-label check" in (tmp_path / "rerank.md").read_text()
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("nosuchqid\tp1\t1\n")
+    with pytest.raises(ValueError, match="no query of the candidate run is among the queries"):
+        run(ranker_cfg, None, None, str(bad), None, None, tmp_path)
