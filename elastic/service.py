@@ -66,8 +66,10 @@ class HandlerSettings:
         max_utilization: ρ_max of the deadline rule's rate bound: at the arrival rate the worker
             sees, the chosen SubLM may fill at most this share of its time. 1.0 (no headroom of
             its own: a burst meets the queue bound and the batch's own deadline, which step down
-            for the batches it lasts) by the side-by-side probe in README "Under load": 0.7 gave
-            up 0.03-0.07 effective MRR@10 at 200-300 req/s for no better within-T minimum.
+            for the batches it lasts) by the side-by-side runs in README "Under load": 0.7 gave
+            up 0.03-0.07 effective MRR@10 at 200-300 req/s for no better within-T minimum there,
+            but held T better at 400 req/s (0.984-0.996 against 0.930), near the smallest
+            SubLM's own capacity.
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
