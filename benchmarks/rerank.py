@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from elastic.data import read_qrels, read_run, read_tsv
+from benchmarks.evaluate import EvalData, passage_embeddings
+from elastic.data import read_run
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import retrieval_metrics
 from elastic.ranker import CrossEncoder, reciprocal_rank_fusion
@@ -153,14 +154,14 @@ def pseudo_label_check(cfg: RecipeConfig, queries: dict[str, str], qrels, pids: 
     return out
 
 
-def evaluate(cfg: RecipeConfig, queries: dict[str, str], qrels, collection: dict[str, str],
-             first: dict[str, list[str]], depth: int, collection_path: str) -> tuple[list[dict], dict]:
+def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], depth: int) -> tuple[list[dict], dict]:
     """(rerank rows, pseudo-label check).
 
     Raises:
         FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher).
         ValueError: a candidate that the collection lacks, or no candidate query among the queries.
     """
+    queries, collection, qrels = dict(zip(data.qids, data.qtexts)), dict(zip(data.pids, data.ptexts)), data.qrels
     cands = {q: pids[:depth] for q, pids in first.items() if q in queries}
     if not cands:
         raise ValueError("rerank: no query of the candidate run is among the queries")
@@ -171,16 +172,10 @@ def evaluate(cfg: RecipeConfig, queries: dict[str, str], qrels, collection: dict
     ranker_dir = ranker_teacher_dir(cfg)
     if not (ranker_dir / "model.safetensors").exists():
         raise FileNotFoundError(f"{ranker_dir}: no ranker teacher; run python -m training.ranker_teacher first")
-    qids = list(queries)
-    pids, ptexts = list(collection), list(collection.values())
+    qids, pids = data.qids, data.pids
     dense = ElasticEncoder(teacher_path(cfg))
-    if Path(collection_path).resolve() == Path(cfg.data.collection).resolve():
-        from training.teacher import teacher_side  # the dense teacher's passage embeddings, cached
-
-        P = teacher_side(cfg, dense).passages
-    else:
-        P = dense.encode(ptexts, 100, cfg.encode.passage_max_length, cfg.encode.batch_size, progress=True)
-    Q = dense.encode([queries[q] for q in qids], 100, cfg.encode.query_max_length, 128)
+    P = passage_embeddings(cfg, data, dense, 100)  # (N, d), cached
+    Q = data.teacher_query_embeddings(cfg, dense)  # (Q, d)
     row_of = {p: i for i, p in enumerate(pids)}
     qi = {q: i for i, q in enumerate(qids)}
     stages, dense_level = {"bm25": cands}, None
@@ -197,13 +192,14 @@ def evaluate(cfg: RecipeConfig, queries: dict[str, str], qrels, collection: dict
         stages["dense"] = {q: [served_pids[j] for j in idx[qi[q]] if served_pids[j] in collection] for q in qids}
     ranker = CrossEncoder(ranker_dir, cfg.ranker.max_length)
     rows = [row("bm25", "bm25", depth, None, None, quality(qrels, cands), None, None)]
+    dense_ms = median_ms(lambda: dense.encode([queries[qids[0]]], 100, cfg.encode.query_max_length, 1), 20)
     for stage, c in stages.items():
         denser_level = dense_level if stage == "dense" else None
         scores = {q: [float(Q[qi[q]] @ P[row_of[p]]) for p in pids_] for q, pids_ in c.items()}
-        lat = median_ms(lambda: dense.encode([queries[qids[0]]], 100, cfg.encode.query_max_length, 1), 20)
-        rows.append(row("dense-teacher", stage, depth, None, denser_level, quality(qrels, reorder(c, scores)), None, lat))
+        rows.append(row("dense-teacher", stage, depth, None, denser_level, quality(qrels, reorder(c, scores)), None,
+                        dense_ms))
         rows += cross_rows(cfg, ranker, "ranker-teacher", stage, depth, denser_level, queries, collection, c, qrels)
-    return rows, pseudo_label_check(cfg, queries, qrels, pids, ptexts, P, Q)
+    return rows, pseudo_label_check(cfg, queries, qrels, pids, data.ptexts, P, Q)
 
 
 def to_markdown(rows: list[dict], labels: dict, how: str) -> str:
@@ -254,16 +250,13 @@ def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: s
     t0 = time.time()
     qfile, rfile = queries or cfg.data.dev_queries, qrels or cfg.data.qrels
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
-    q, rel, first, col = read_tsv(qfile), read_qrels(rfile), read_run(cfile), read_tsv(colfile)
-    rel = {k: v for k, v in rel.items() if k in q}
-    if not rel:
-        raise ValueError(f"{rfile}: no qid in common with {qfile}")
+    data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
-    rows, labels = evaluate(cfg, q, rel, col, first, depth, colfile)
+    rows, labels = evaluate(cfg, data, first, depth)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    how = (f"`python -m benchmarks.rerank` on {qfile} ({len(rel)} judged queries), candidates {cfile}, collection "
-           f"{colfile} ({len(col):,} passages); each first stage's top {depth} reranked; latency: median of 10, one "
+    how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "
+           f"{colfile} ({len(data.pids):,} passages); each first stage's top {depth} reranked; latency: median of 10, one "
            f"query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all.")
     (out / "rerank.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "rerank_labels.json").write_text(json.dumps(labels, indent=1) + "\n")
