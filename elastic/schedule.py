@@ -38,12 +38,15 @@ the measured p99 at 1.2-2.6 T:
    applied to every future batch would shed requests that the worker can serve. The ratio is
    learned per level (c_k, c̄_k) once the level has served enough recent batches. A level that
    has not borrows the ratio of the levels that did, carried over as an additive excess
-   (``transfer_correction``): under load the time lost per batch does not grow with the level.
-   In the SLO sweep of 2026-11-22 a least-squares fit of observed − t_k(b) against the batch
-   size b gave 0.6-0.75 ms per request at 300 req/s for static 5, 10, 20 and 30 % alike, so the
-   ratio falls as t_k grows (c̄ 1.73 for static 10 % against 1.47 for static 20 % in the same
-   sweep). Borrowing the ratio itself made a level that the rush had not served look up to a
-   quarter slower than it was, and kept it out.
+   (``transfer_correction``): what the frontend takes from the shared core goes with the
+   requests, not with the level, so the same milliseconds make a larger ratio on a smaller
+   SubLM. In the SLO sweep before this change (its raw runs since overwritten) a least-squares
+   fit of observed − t_k(b) against the batch size b gave 0.6-0.75 ms per request at 300 req/s
+   for static 5, 10, 20 and 30 % alike, and c̄ was 1.73 for static 10 % against 1.47 for static
+   20 %: borrowing the ratio made a level that the rush had not served look slower than it was.
+   The sweep after it, calibrated in a slow stretch, gives a noisier -0.05 to 0.51 ms per
+   request for the static levels at 300 req/s (``python -m benchmarks.batch_excess --rates 300``,
+   benchmarks/results/batch_excess.md).
 
 3. A request that cannot meet T even at the smallest SubLM (c̄·t_min + o/2 after its age) is
    better answered at once with 503

@@ -116,3 +116,26 @@ def test_slo_sustainable_rate_needs_every_lower_rate_held_and_variants_are_named
     assert v.handler_settings()["max_utilization"] == 0.85 and "max_utilization" not in Server("elastic", None,
                                                                                                50.0).handler_settings()
     assert sorted(["static", v.label, "noop", "elastic"], key=server_order) == ["elastic", v.label, "static", "noop"]
+
+
+def test_batch_excess_recovers_batches_and_the_excess_line(tmp_path):
+    import json
+
+    import pytest
+
+    from benchmarks.batch_excess import batches, fit
+    from elastic.schedule import Calibration
+
+    cal = Calibration((1, 2, 4), {10: (2.0, 3.0, 5.0), 50: (4.0, 6.0, 10.0)})
+    raw = tmp_path / "raw-300-0.jsonl"
+    recs = []
+    for i, (level, b) in enumerate([(10, 1), (10, 2), (50, 4), (50, 3), (10, 4)]):
+        model = cal.t(level, b) + 1.0 + 0.5 * b + i * 1e-6  # 1 ms + 0.5 ms per request over t_k(b)
+        recs += [{"status": 200, "level": level, "model_ms": model, "handler_ms": model + 1} for _ in range(b)]
+    recs.append({"status": 503, "level": None, "model_ms": None, "handler_ms": None})
+    raw.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bs = batches(raw)
+    assert sorted((lv, n) for lv, n, _ in bs) == [(10, 1), (10, 2), (10, 4), (50, 3), (50, 4)]
+    f = fit(cal, bs)
+    assert f["batches"] == 5 and f["excess_a_ms"] == pytest.approx(1.0, abs=0.01)
+    assert f["excess_ms_per_request"] == pytest.approx(0.5, abs=0.01) and f["ratio_of_sums"] > 1
