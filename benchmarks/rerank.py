@@ -8,8 +8,10 @@ Defaults: the recipe's dev queries and qrels, the packed BM25 top-20 (``data.can
 collection. First stages: "bm25" (the given run, in its own order) and, when the recipe's
 ElasticDenser exists (run_dir/elastic), "dense": its largest SubLM's top ``depth`` in the
 collection (run_dir/index, the index it serves). Systems reranking each first stage's top
-``depth``: "dense-teacher" (the bi-encoder teacher's dot products) and "ranker-teacher" (the
-cross-encoder of training/ranker_teacher.py, or ``ranker.teacher``).
+``depth``: "dense-teacher" (the bi-encoder teacher's dot products), "ranker-teacher" (the
+cross-encoder of training/ranker_teacher.py, or ``ranker.teacher``), and, once training/ranker.py
+has run, "elastic" (ElasticRanker, one row per SubLM) and "static" (each level trained alone).
+``--denser-run`` takes the dense first stage from another run's ElasticDenser.
 
 Columns (rerank.json: a list of rows with exactly ROW_KEYS): MRR@10; nDCG@10 (ir-measures, null
 unless the qrels are graded); GFLOPs per pair (a cross-encoder's forward over a pair of the mean
@@ -43,7 +45,6 @@ from elastic.ranker import CrossEncoder, reciprocal_rank_fusion
 from elastic.structure import gflops
 from training.config import RecipeConfig, load_config, teacher_path
 from training.negatives import bm25_index, bm25_search
-from training.ranker_teacher import ranker_teacher_dir
 
 ROW_KEYS = ("system", "first_stage", "depth", "level", "denser_level", "mrr_at_10", "ndcg_at_10", "gflops_per_pair",
             "latency_ms_per_query")
@@ -131,7 +132,7 @@ def cross_rows(cfg: RecipeConfig, model: CrossEncoder, system: str, first_stage:
         q = quality(qrels, reorder(cands, scores))
         lat = median_ms(lambda: model.score([queries[sample_q]] * len(cands[sample_q]),
                                             [texts[p] for p in cands[sample_q]], level, depth), 10)
-        rows.append(row(system, first_stage, depth, None if len(model.levels) == 1 else level, denser_level, q,
+        rows.append(row(system, first_stage, depth, None if system == "ranker-teacher" else level, denser_level, q,
                         round(gflops(model.dims, model.sublm(level), tokens), 4), lat))
     return rows
 
@@ -154,8 +155,29 @@ def pseudo_label_check(cfg: RecipeConfig, queries: dict[str, str], qrels, pids: 
     return out
 
 
-def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], depth: int) -> tuple[list[dict], dict]:
+def rankers(cfg: RecipeConfig) -> list[tuple[str, CrossEncoder]]:
+    """(system, model) of every cross-encoder the recipe has produced: the teacher, then
+    ElasticRanker (run_dir/ranker/elastic) and each static baseline (run_dir/ranker/static/<p>/model,
+    largest first) when trained (training/ranker.py)."""
+    ranker_dir = cfg.ranker_teacher_dir()
+    if not (ranker_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"{ranker_dir}: no ranker teacher; run python -m training.ranker_teacher first")
+    out = [("ranker-teacher", CrossEncoder(ranker_dir, cfg.ranker.max_length))]
+    root = cfg.run / "ranker"
+    if (root / "elastic" / "model.safetensors").exists():
+        out.append(("elastic", CrossEncoder(root / "elastic", cfg.ranker.max_length)))
+    statics = [d for d in (root / "static").glob("*/model") if (d / "model.safetensors").exists()]
+    for d in sorted(statics, key=lambda d: -int(d.parent.name)):
+        out.append(("static", CrossEncoder(d, cfg.ranker.max_length)))
+    return out
+
+
+def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], depth: int,
+             denser_run: Path | None = None) -> tuple[list[dict], dict]:
     """(rerank rows, pseudo-label check).
+
+    ``denser_run``: the run directory whose ElasticDenser (elastic/, index/) gives the "dense"
+    first stage (default: run_dir; none there: BM25 only).
 
     Raises:
         FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher).
@@ -169,9 +191,7 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     if missing:
         raise ValueError(f"rerank: candidate passage {missing[0]!r} is not in the collection "
                          f"({len(missing)} missing)")
-    ranker_dir = ranker_teacher_dir(cfg)
-    if not (ranker_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{ranker_dir}: no ranker teacher; run python -m training.ranker_teacher first")
+    systems = rankers(cfg)
     qids, pids = data.qids, data.pids
     dense = ElasticEncoder(teacher_path(cfg))
     P = passage_embeddings(cfg, data, dense, 100)  # (N, d), cached
@@ -179,18 +199,18 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     row_of = {p: i for i, p in enumerate(pids)}
     qi = {q: i for i, q in enumerate(qids)}
     stages, dense_level = {"bm25": cands}, None
-    index_dir = cfg.run / "index"
-    if (cfg.run / "elastic" / "model.safetensors").exists() and (index_dir / "index.faiss").exists():
+    denser_run = denser_run or cfg.run
+    index_dir = denser_run / "index"
+    if (denser_run / "elastic" / "model.safetensors").exists() and (index_dir / "index.faiss").exists():
         import faiss  # the served index (training/build_index.py), searched as the handler does
 
-        denser = ElasticEncoder(cfg.run / "elastic")
+        denser = ElasticEncoder(denser_run / "elastic")
         dense_level = denser.levels[0]
         Qd = denser.encode([queries[q] for q in qids], dense_level, cfg.encode.query_max_length, 128)
         served = faiss.read_index(str(index_dir / "index.faiss"))
         served_pids = (index_dir / "pids.txt").read_text().split()
         _, idx = served.search(Qd.numpy(), min(depth, len(served_pids)))
         stages["dense"] = {q: [served_pids[j] for j in idx[qi[q]] if served_pids[j] in collection] for q in qids}
-    ranker = CrossEncoder(ranker_dir, cfg.ranker.max_length)
     rows = [row("bm25", "bm25", depth, None, None, quality(qrels, cands), None, None)]
     dense_ms = median_ms(lambda: dense.encode([queries[qids[0]]], 100, cfg.encode.query_max_length, 1), 20)
     for stage, c in stages.items():
@@ -198,7 +218,8 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
         scores = {q: [float(Q[qi[q]] @ P[row_of[p]]) for p in pids_] for q, pids_ in c.items()}
         rows.append(row("dense-teacher", stage, depth, None, denser_level, quality(qrels, reorder(c, scores)), None,
                         dense_ms))
-        rows += cross_rows(cfg, ranker, "ranker-teacher", stage, depth, denser_level, queries, collection, c, qrels)
+        for system, model in systems:
+            rows += cross_rows(cfg, model, system, stage, depth, denser_level, queries, collection, c, qrels)
     return rows, pseudo_label_check(cfg, queries, qrels, pids, data.ptexts, P, Q)
 
 
@@ -246,13 +267,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: str | None, collection: str | None,
-        depth: int | None, out: Path | None) -> list[dict]:
+        depth: int | None, out: Path | None, denser_run: Path | None = None) -> list[dict]:
     t0 = time.time()
     qfile, rfile = queries or cfg.data.dev_queries, qrels or cfg.data.qrels
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
     data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
-    rows, labels = evaluate(cfg, data, first, depth)
+    rows, labels = evaluate(cfg, data, first, depth, denser_run)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "
@@ -276,10 +297,12 @@ def main() -> None:
     ap.add_argument("--collection", help="pid<TAB>passage file (default: data.collection)")
     ap.add_argument("--depth", type=int, help="candidates reranked per query (default: ranker.eval_depth)")
     ap.add_argument("--out", type=Path, help="output directory (default: run_dir/eval)")
+    ap.add_argument("--denser-run", type=Path, help="run directory of the ElasticDenser (elastic/, index/) whose "
+                    "largest SubLM's top candidates are the 'dense' first stage (default: run_dir)")
     a = ap.parse_args()
     if a.depth is not None and a.depth < 1:
         raise SystemExit("--depth: must be >= 1")
-    run(load_config(a.config), a.queries, a.qrels, a.candidates, a.collection, a.depth, a.out)
+    run(load_config(a.config), a.queries, a.qrels, a.candidates, a.collection, a.depth, a.out, a.denser_run)
 
 
 if __name__ == "__main__":

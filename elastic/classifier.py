@@ -57,11 +57,18 @@ class ElasticClassifier(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                sublm: SubLM | None = None) -> torch.Tensor:
+                sublm: SubLM | None = None, head_gates: list[torch.Tensor] | None = None,
+                neuron_gates: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, T) token ids, mask and segment ids -> (B, num_labels) logits of SubLM ``sublm``
-        (default: the stored layout). Raises ValueError when ``sublm`` is not within the layout."""
-        h = self.bert(input_ids, attention_mask, token_type_ids, sublm=sublm)  # (B, T, d)
-        pooled = torch.tanh(self.pooler.dense(h[:, 0]))  # (B, d), BertPooler on [CLS]
+        (default: the stored layout). ``head_gates`` / ``neuron_gates``: see ElasticBert (only
+        for expressive scores). Raises ValueError when ``sublm`` is not within the layout."""
+        h = self.bert(input_ids, attention_mask, token_type_ids, sublm=sublm, head_gates=head_gates,
+                      neuron_gates=neuron_gates)  # (B, T, d)
+        return self.head(h)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) last hidden states -> (B, num_labels): BertPooler on [CLS], dropout, classifier."""
+        pooled = torch.tanh(self.pooler.dense(hidden[:, 0]))  # (B, d)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -182,8 +189,16 @@ class GlueModel:
     def cut(self, level: int, out: str | Path) -> None:
         """Write a one-level directory holding SubLM ``level`` physically pruned (a static model)."""
         sub = self.sublm(level)
-        m = ElasticClassifier(self.dims, sub, self.task.num_labels)
-        m.bert = prune(self.model.bert, sub)
+        self.save_encoder(prune(self.model.bert, sub), Submap({level: sub}, "cls", False), out)
+
+    def save_encoder(self, bert: ElasticBert, submap: Submap, out: str | Path) -> None:
+        """Write a model directory with encoder ``bert`` (its stored layout must be submap's
+        largest SubLM), this model's pooler and classifier, and ``submap``: how a cut-out static
+        level and a model pruned by expressive scores (training/ranker.py) are saved."""
+        if bert.layout != submap.levels[submap.largest]:
+            raise ValueError(f"save_encoder: the encoder's layout {bert.layout} is not the submap's largest SubLM")
+        m = ElasticClassifier(self.dims, bert.layout, self.task.num_labels)
+        m.bert = bert
         m.pooler.load_state_dict(self.model.pooler.state_dict())
         m.classifier.load_state_dict(self.model.classifier.state_dict())
-        self.save(out, m, Submap({level: sub}, "cls", False))
+        self.save(out, m, submap)

@@ -219,3 +219,109 @@ def test_rerank_benchmark_rows_and_pseudo_label_check(ranker_cfg, tmp_path):
     bad.write_text("nosuchqid\tp1\t1\n")
     with pytest.raises(ValueError, match="no query of the candidate run is among the queries"):
         run(ranker_cfg, None, None, str(bad), None, None, tmp_path)
+
+
+# ElasticRanker: LCE expressive scores, elastic distillation + LCE, static baselines (training/ranker.py)
+
+
+def test_elastic_ranker_config_fails_at_load_naming_the_field(tmp_path):
+    from training.config import load_config
+
+    for body, field in (("elastic_ranker: {group_size: 1}", "elastic_ranker.group_size"),
+                        ("elastic_ranker: {steps: 0}", "elastic_ranker.steps"),
+                        ("elastic_ranker: {kd_temperature: 0}", "elastic_ranker.kd_temperature"),
+                        ("elastic_ranker: {relation_weight: -0.5}", "elastic_ranker.relation_weight"),
+                        ("elastic_ranker: {lce_weight: 0, kd_weight: 0}", "elastic_ranker.lce_weight / kd_weight"),
+                        ("elastic_ranker: {warmup: 1.0}", "elastic_ranker.warmup"),
+                        ("elastic_ranker: {score_queries: many}", "elastic_ranker.score_queries")):
+        f = tmp_path / "r.yaml"
+        f.write_text(body + "\n")
+        with pytest.raises(ValueError, match=f"config {field}"):
+            load_config(f)
+
+
+def test_pruned_ranker_levels_equal_the_teacher_with_the_lowest_scored_units_gated_off(hf_cross_encoder, tmp_path):
+    from training.importance import lce_scores
+    from training.ranker import export_pruned
+
+    teacher = CrossEncoder(hf_cross_encoder[0], max_length=32)
+    qs = ["what is a cross encoder", "who wrote hamlet"] * 2
+    ps = ["A cross-encoder reads both.", "Hamlet is a play.", "Rain falls in spring.", "Cats sleep a lot."]
+    batch = teacher.pairs(qs, ps)  # 2 groups of m = 2
+    hs, ns = lce_scores(teacher, [batch], group_size=2)
+    L, A, I = teacher.dims.num_hidden_layers, teacher.dims.num_attention_heads, teacher.dims.intermediate_size
+    assert hs.shape == (L, A) and ns.shape == (L, I)
+    assert torch.allclose(hs.norm(dim=1), torch.ones(L)) and torch.allclose(ns.norm(dim=1), torch.ones(L))
+    submap = export_pruned(teacher, hs, ns, [50, 25], tmp_path / "pruned")
+    pruned = CrossEncoder(tmp_path / "pruned", max_length=32)
+    assert pruned.levels == [50, 25] and pruned.sublm(50) == submap.levels[50]
+    for level in (50, 25):
+        sub = pruned.sublm(level)
+        assert sum(sub.heads) == round(level / 100 * L * A) and sum(sub.neurons) == round(level / 100 * L * I)
+        xi = [torch.zeros(A) for _ in range(L)]
+        nu = [torch.zeros(I) for _ in range(L)]
+        for l in range(L):  # the units a level keeps are each layer's best-scored ones
+            xi[l][hs[l].argsort(descending=True, stable=True)[:sub.heads[l]]] = 1
+            nu[l][ns[l].argsort(descending=True, stable=True)[:sub.neurons[l]]] = 1
+        with torch.no_grad():
+            masked = teacher.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], head_gates=xi,
+                                   neuron_gates=nu)[:, 0]
+        assert torch.allclose(pruned.score(qs, ps, level), masked, atol=1e-5)
+
+
+def test_elastic_ranker_objective_terms(hf_cross_encoder):
+    from training.ranker import ElasticRankerObjective
+
+    teacher = CrossEncoder(hf_cross_encoder[0], max_length=32)
+    student = CrossEncoder(hf_cross_encoder[0], max_length=32, dropout=0.0)
+    qs = ["q one", "q one", "q one", "q two", "q two", "q two"]
+    ps = ["a b c", "d e", "f g h i", "j", "k l", "m n o"]
+    batch = teacher.pairs(qs, ps)
+    kd_only = ElasticRankerObjective(student, teacher, None, 3, 0.0, 1.0, 2.0, 0.0, 4)
+    prep = kd_only.prepare(batch)
+    assert prep["scores"].shape == (2, 3)
+    assert kd_only.loss(batch, prep, 100).item() == pytest.approx(0.0, abs=1e-6)  # the student is the teacher
+    lce_only = ElasticRankerObjective(student, teacher, None, 3, 1.0, 0.0, 1.0, 0.0, 4)
+    assert lce_only.loss(batch, prep, 100).item() == pytest.approx(lce_loss(prep["scores"]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="relation_weight > 0 needs a relation head"):
+        ElasticRankerObjective(student, teacher, None, 3, 1.0, 0.0, 1.0, 0.5, 4)
+
+
+def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skips(ranker_cfg, tmp_path, capsys):
+    import copy
+
+    from benchmarks.rerank import run as rerank
+    from training.ranker import run
+
+    cfg = copy.deepcopy(ranker_cfg)
+    cfg.run_dir = str(tmp_path / "run")
+    cfg.prune.levels = [50, 25]
+    cfg.static.levels = [25]
+    e = cfg.elastic_ranker
+    e.score_queries, e.score_batch_queries, e.group_size, e.batch_queries, e.steps = 4, 2, 4, 2, 3
+    cfg.distill.relation_heads = 4
+    run(cfg)
+    root = cfg.run / "ranker"
+    elastic = CrossEncoder(root / "elastic")
+    assert elastic.levels == [50, 25] and (root / "pruned" / "scores.pt").exists()
+    log = [json.loads(x) for x in (root / "elastic" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3]
+    assert all(set(x["loss_per_level"]) == {"50", "25"} and math.isfinite(x["loss"]) for x in log)
+    static = CrossEncoder(root / "static" / "25" / "model")
+    assert static.levels == [25] and static.sublm(25) == elastic.sublm(25)
+    assert not (root / "static" / "50").exists()
+    assert not list((root / "checkpoints").rglob("checkpoint.pt"))  # dropped once each stage is done
+    before = (root / "elastic" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "pruned before" in out and "ranker elastic] done before" in out and "ranker static 25%] done before" in out
+    assert (root / "elastic" / "model.safetensors").read_bytes() == before
+    rows = rerank(cfg, None, None, None, None, None, tmp_path / "eval")
+    assert [(r["system"], r["level"]) for r in rows] == [("bm25", None), ("dense-teacher", None),
+                                                         ("ranker-teacher", None), ("elastic", 50), ("elastic", 25),
+                                                         ("static", 25)]
+    by = {(r["system"], r["level"]): r for r in rows}
+    assert by[("elastic", 25)]["gflops_per_pair"] == pytest.approx(by[("static", 25)]["gflops_per_pair"])
+    assert by[("elastic", 25)]["gflops_per_pair"] < by[("elastic", 50)]["gflops_per_pair"] < \
+        by[("ranker-teacher", None)]["gflops_per_pair"]

@@ -228,6 +228,35 @@ class RankerConfig:
     seed: int = _f(0, "seed of the query sample, the head's initialisation and batch sampling")
 
 
+
+@dataclass
+class ElasticRankerConfig:
+    """ElasticRanker (paper §4.4 with §4.1-4.2): the cross-encoder teacher pruned into nested SubLMs
+    by LCE expressive scores, then every SubLM trained at every step (Algorithm 1) with LCE plus
+    distillation from that teacher; training/ranker.py. Training data (queries, candidates,
+    pseudo-positives, max_length) are the teacher's (``ranker``); static baselines follow
+    ``static``."""
+
+    score_queries: int = _f(128, "training queries whose LCE gradients give the expressive scores")
+    score_batch_queries: int = _f(4, "queries (groups of group_size pairs) per backward pass of the expressive scores")
+    group_size: int = _f(8, "m of eq. 9: the pseudo-positive and m - 1 localized negatives per query")
+    batch_queries: int = _f(4, "queries per step (batch_queries x group_size pairs)")
+    steps: int = _f(300, "optimizer steps of the elastic model, and of each static baseline")
+    lr: float = _f(1e-4, "AdamW peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup: float = _f(0.1, "fraction of steps of linear warmup")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    lce_weight: float = _f(1.0, "weight of LCE (eq. 9) on the pseudo-positive groups (0 = distillation alone)")
+    kd_weight: float = _f(1.0, "weight of the listwise KL to the cross-encoder teacher's scores of the group "
+                          "(training/rank_kd_loss.py; 0 = off)")
+    kd_temperature: float = _f(1.0, "temperature of that KL (the KL is multiplied by its square)")
+    relation_weight: float = _f(1.0, "weight of MiniLMv2 relation distillation (eq. 7) from the teacher's last MHA "
+                                "block, through an additional MHA block on each SubLM (training/relations.py; 0 = off); "
+                                "R is distill.relation_heads")
+    dropout: float = _f(0.1, "dropout on the pooled output while training")
+    seed: int = _f(0, "seed of the score-query sample and of batch sampling")
+
+
 @dataclass
 class RecipeConfig:
     run_dir: str = _f("runs/demo", "where every step writes (git-ignored)")
@@ -246,10 +275,15 @@ class RecipeConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     glue: GlueConfig = field(default_factory=GlueConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    elastic_ranker: ElasticRankerConfig = field(default_factory=ElasticRankerConfig)
 
     @property
     def run(self) -> Path:
         return Path(self.run_dir)
+
+    def ranker_teacher_dir(self) -> Path:
+        """The ranker's cross-encoder teacher: ``ranker.teacher`` when given, else run_dir/ranker/teacher."""
+        return Path(self.ranker.teacher) if self.ranker.teacher else self.run / "ranker" / "teacher"
 
     def task_init(self, root: Path | None = None) -> Path:
         """The model directory the task stage starts from: ``distilled`` after relation
@@ -312,6 +346,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                          f"got {cfg.prune.score_objective!r}")
     _validate_glue(cfg.glue)
     _validate_ranker(cfg.ranker)
+    _validate_elastic_ranker(cfg.elastic_ranker, cfg.ranker)
     qd = cfg.query_distill
     if qd.cos_weight < 0 or qd.kd_weight < 0 or qd.cos_weight + qd.kd_weight == 0:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
@@ -415,3 +450,23 @@ def config_cli(description: str, run) -> None:
     if a.device:
         cfg.train.device = a.device
     run(cfg)
+
+
+def _validate_elastic_ranker(e: ElasticRankerConfig, r: RankerConfig) -> None:
+    for name in ("score_queries", "score_batch_queries", "batch_queries", "steps"):
+        if getattr(e, name) < 1:
+            raise ValueError(f"config elastic_ranker.{name}: must be >= 1")
+    if not 2 <= e.group_size <= r.depth:
+        raise ValueError(f"config elastic_ranker.group_size: must be in [2, ranker.depth = {r.depth}], got {e.group_size}")
+    for name in ("lr", "max_grad_norm", "kd_temperature"):
+        if not getattr(e, name) > 0:
+            raise ValueError(f"config elastic_ranker.{name}: must be > 0")
+    for name in ("lce_weight", "kd_weight", "relation_weight"):
+        if getattr(e, name) < 0:
+            raise ValueError(f"config elastic_ranker.{name}: must be >= 0 (0 = off)")
+    if e.lce_weight + e.kd_weight == 0:
+        raise ValueError("config elastic_ranker.lce_weight / kd_weight: not both 0 (nothing would train the scores)")
+    if not 0 <= e.warmup < 1:
+        raise ValueError("config elastic_ranker.warmup: a fraction of steps in [0, 1)")
+    if not 0 <= e.dropout < 1:
+        raise ValueError("config elastic_ranker.dropout: a probability in [0, 1)")

@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 import torch
 
 from elastic.encoder import ElasticEncoder
+from elastic.structure import ElasticBert
 
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,40 +43,34 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> to
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
 
 
-def _gate_scores(
-    enc: ElasticEncoder,
+def gate_scores(
+    bert: ElasticBert,
     batches: Iterable,
-    objective: Callable[[object, Callable[[list[str], int], torch.Tensor]], torch.Tensor],
+    objective: Callable[[object, list[torch.Tensor], list[torch.Tensor]], torch.Tensor],
     transform: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ over batches of transform(∂objective/∂gate) for every head gate ξ and neuron gate ν,
-    ℓ2-normalized per layer (eq. 5). ``objective(batch, emb)`` gets ``emb(texts, max_length)``,
-    the (B, d) embeddings of the gated teacher, and returns a scalar.
+    """Σ over batches of transform(∂objective/∂gate) for every head gate ξ and neuron gate ν of
+    ``bert``, ℓ2-normalized per layer (eq. 5). ``objective(batch, xi, nu)`` runs the model with
+    ``head_gates=xi, neuron_gates=nu`` (per layer a (h_l,) / (n_l,) tensor held at 1) and returns
+    a scalar; any model around an ElasticBert (bi-encoder, cross-encoder) scores this way.
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I).
 
     Raises:
-        ValueError: ``enc`` is already pruned, or ``batches`` is empty.
+        ValueError: ``bert`` is already pruned, or ``batches`` is empty.
     """
-    layout = enc.model.layout
-    if layout != enc.dims.full():
+    dims, layout = bert.dims, bert.layout
+    if layout != dims.full():
         raise ValueError("expressive scores are computed on the unpruned teacher")
-    L = enc.dims.num_hidden_layers
+    L = dims.num_hidden_layers
     xi = [torch.ones(h, requires_grad=True) for h in layout.heads]
     nu = [torch.ones(n, requires_grad=True) for n in layout.neurons]
-    hs = torch.zeros(L, enc.dims.num_attention_heads)
-    ns = torch.zeros(L, enc.dims.intermediate_size)
-
-    def emb(texts: list[str], max_len: int) -> torch.Tensor:
-        return enc.embed(enc.tokenize(texts, max_len), enc.levels[0], head_gates=xi, neuron_gates=nu)
-
-    def hidden(texts: list[str], max_len: int) -> tuple[dict, torch.Tensor]:  # tokenized batch, (B, T, d)
-        tok = enc.tokenize(texts, max_len)
-        return tok, enc.model(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), head_gates=xi,
-                              neuron_gates=nu)
-
-    emb.hidden = hidden  # objectives that read hidden states rather than embeddings (relation_scores)
+    hs = torch.zeros(L, dims.num_attention_heads)
+    ns = torch.zeros(L, dims.intermediate_size)
     n_batches = 0
     for batch in batches:
-        gx = torch.autograd.grad(objective(batch, emb), xi + nu)  # gradients w.r.t. the gates only
+        gx = torch.autograd.grad(objective(batch, xi, nu), xi + nu)  # gradients w.r.t. the gates only
         hs += torch.stack([transform(g) for g in gx[:L]])
         ns += torch.stack([transform(g) for g in gx[L:]])
         n_batches += 1
@@ -84,6 +79,59 @@ def _gate_scores(
     hs = hs / hs.norm(dim=1, keepdim=True).clamp(min=1e-12)
     ns = ns / ns.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return hs, ns
+
+
+def _gate_scores(
+    enc: ElasticEncoder,
+    batches: Iterable,
+    objective: Callable[[object, Callable[[list[str], int], torch.Tensor]], torch.Tensor],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_scores`` for a bi-encoder: ``objective(batch, emb)`` gets ``emb(texts, max_length)``,
+    the (B, d) embeddings of the gated teacher (and ``emb.hidden(texts, max_length)``: the
+    tokenized batch and its (B, T, d) last hidden states), and returns a scalar."""
+
+    def bound(batch, xi, nu):
+        def emb(texts: list[str], max_len: int) -> torch.Tensor:
+            return enc.embed(enc.tokenize(texts, max_len), enc.levels[0], head_gates=xi, neuron_gates=nu)
+
+        def hidden(texts: list[str], max_len: int) -> tuple[dict, torch.Tensor]:  # tokenized batch, (B, T, d)
+            tok = enc.tokenize(texts, max_len)
+            return tok, enc.model(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), head_gates=xi,
+                                  neuron_gates=nu)
+
+        emb.hidden = hidden  # objectives that read hidden states rather than embeddings (relation_scores)
+        return objective(batch, emb)
+
+    return gate_scores(enc.model, batches, bound, transform)
+
+
+def lce_scores(model, batches: Iterable[dict[str, torch.Tensor]], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ElasticRanker's expressive scores: eq. 5 with the LCE loss (eq. 9 with eq. 11) in place of
+    the contrastive one, E|∂L^LCE/∂ξ| and E|∂L^LCE/∂ν| of the unpruned cross-encoder teacher over
+    groups of (query, passage) pairs, each group's pseudo-positive first (training/ranker.py).
+
+    LCE is not zero at the teacher (its groups' pseudo-positives are not all ranked first with
+    certainty), so, as in the paper, its first order ranks the units.
+
+    Args:
+        model: an unpruned ``elastic.ranker.CrossEncoder``.
+        batches: tokenized pairs, (B·m, T) tensors, query-major in groups of ``group_size``.
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+
+    Raises:
+        ValueError: the model is already pruned, or ``batches`` is empty.
+    """
+    from training.lce_loss import lce_loss
+
+    def objective(batch, xi, nu):
+        logits = model.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), head_gates=xi,
+                             neuron_gates=nu)  # (B·m, 1)
+        return lce_loss(logits[:, 0].view(-1, group_size))
+
+    return gate_scores(model.model.bert, batches, objective, torch.abs)
 
 
 def expressive_scores(

@@ -125,11 +125,6 @@ def group_sampler(data: RankerData, model: CrossEncoder, batch_queries: int, gro
     return sample
 
 
-def ranker_teacher_dir(cfg: RecipeConfig) -> Path:
-    """Where the ranker's teacher is: ``ranker.teacher`` when given, else run_dir/ranker/teacher."""
-    return Path(cfg.ranker.teacher) if cfg.ranker.teacher else cfg.run / "ranker" / "teacher"
-
-
 def train_teacher(cfg: RecipeConfig) -> Path:
     """The ranker's teacher directory, trained here unless ``ranker.teacher`` names one.
 
@@ -143,7 +138,7 @@ def train_teacher(cfg: RecipeConfig) -> Path:
         CrossEncoder(r.teacher, r.max_length)  # raises on a missing directory or a head of another size
         print(f"[ranker-teacher] using the given cross-encoder {r.teacher}", flush=True)
         return Path(r.teacher)
-    out = ranker_teacher_dir(cfg)
+    out = cfg.ranker_teacher_dir()
     src = teacher_path(cfg)
     key = {"stage": "ranker_teacher", "ranker": {k: v for k, v in asdict(r).items()
                                                  if k not in ("eval_depth", "eval_batch_size")},

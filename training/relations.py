@@ -81,9 +81,17 @@ def teacher_relations(teacher: nn.Module, batch: dict, num_relation_heads: int) 
     ``teacher`` is an ElasticBert at full width; its last layer's Q/K/V read that layer's input.
     """
     states = teacher(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), all_hidden_states=True)
-    x = states[-2]  # (B, T, d) input of the last layer
+    return last_layer_relations(teacher, states[-2], batch["attention_mask"], num_relation_heads)
+
+
+@torch.no_grad()
+def last_layer_relations(teacher: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor,
+                         num_relation_heads: int) -> dict:
+    """{kind: (B, R, T, T)} log-relations of ``teacher``'s (an ElasticBert at full width) last MHA
+    block from x, (B, T, d) the input of its last layer (``all_hidden_states[-2]``); for callers
+    that need the teacher's other outputs from the same forward (training/ranker.py)."""
     att = teacher.encoder.layer[-1].attention.self
-    return {k: log_relations(getattr(att, k)(x), batch["attention_mask"], num_relation_heads) for k in KINDS}
+    return {k: log_relations(getattr(att, k)(x), attention_mask, num_relation_heads) for k in KINDS}
 
 
 def relation_kl(teacher: dict, student: dict, attention_mask: torch.Tensor) -> torch.Tensor:
