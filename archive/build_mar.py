@@ -1,7 +1,9 @@
-"""Pack ElasticDenser (or a GLUE ElasticLM) into a TorchServe archive with torch-model-archiver.
+"""Pack ElasticDenser (or a GLUE ElasticLM, or ElasticRanker) into a TorchServe archive with
+torch-model-archiver.
 
     python -m archive.build_mar --config configs/demo.yaml [--archive-format no-archive]
     python -m archive.build_mar --config configs/glue.yaml --glue-task SST-2   # -> elasticlm-sst-2.mar
+    python -m archive.build_mar --config configs/ranker.yaml --ranker          # -> elasticranker.mar
 
 Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
 model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt), the
@@ -122,9 +124,13 @@ def main() -> None:
                     help="default = one .mar file; no-archive = an editable directory")
     ap.add_argument("--glue-task", help="pack the recipe's GLUE ElasticLM of this task (run_dir/glue/<task>/elastic, "
                                         "training/glue.py) as elasticlm-<task>.mar instead of ElasticDenser")
+    ap.add_argument("--ranker", action="store_true", help="pack the recipe's ElasticRanker (run_dir/ranker/elastic, "
+                    "training/ranker.py) as elasticranker.mar instead of ElasticDenser")
     a = ap.parse_args()
     cfg = load_config(a.config)
-    if a.glue_task:
+    if a.ranker:
+        run_ranker(cfg, a.export_path, a.archive_format)
+    elif a.glue_task:
         run_glue(cfg, a.glue_task, a.export_path, a.archive_format)
     else:
         run(cfg, a.export_path, a.archive_format)
@@ -144,6 +150,20 @@ def run_glue(cfg: RecipeConfig, task: str, export_path: Path = Path("model_store
     del yaml_cfg["handler"]["query_max_length"], yaml_cfg["handler"]["top_k"]  # retrieval only
     out = build_mar(cfg.run / "glue" / t.name / "elastic", None, export_path, yaml_cfg,
                     name=f"elasticlm-{t.name.lower()}", archive_format=archive_format)
+    print(f"[archive] wrote {out}", flush=True)
+    return out
+
+
+def run_ranker(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:
+    """Pack run_dir/ranker/elastic (training/ranker.py) as elasticranker.mar with the same handler
+    and the recipe's serve settings; a request may carry up to ``ranker.eval_depth`` passages (the
+    depth its quality is measured at), each pair cut to ``ranker.max_length`` tokens."""
+    yaml_cfg = model_config(cfg.serve, cfg.encode.query_max_length)
+    h = yaml_cfg["handler"]
+    del h["query_max_length"], h["top_k"]  # retrieval only
+    h["max_passages"], h["pair_max_length"] = cfg.ranker.eval_depth, cfg.ranker.max_length
+    out = build_mar(cfg.run / "ranker" / "elastic", None, export_path, yaml_cfg, name="elasticranker",
+                    archive_format=archive_format)
     print(f"[archive] wrote {out}", flush=True)
     return out
 

@@ -4,12 +4,14 @@ model at the chosen SubLM -> one answer per request).
 
 ``ElasticServer`` holds everything the schedule needs (ages, g, o, c, λ, shedding, counters,
 Server-Timing); a task supplies four hooks: parse a batch of bodies, run items at a level, turn
-outputs into answers, and a calibration item. Two tasks:
+outputs into answers, and a calibration item. Three tasks:
 
 - ``ElasticRetriever``: ElasticDenser, query -> top-k passages (exact search of the FAISS flat
   index, one sgemm per batch);
 - ``ElasticClassifierServer``: ElasticLM fine-tuned on a GLUE task, text (+ text_pair) -> label
-  and probabilities, or STS-B's score.
+  and probabilities, or STS-B's score;
+- ``ElasticRankerServer``: ElasticRanker, a query and its candidate passages -> a score per
+  passage, best first (one forward over every pair of the batch).
 
 ``server_for`` picks the task from the model directory; handler/elastic_handler.py is a thin
 TorchServe adapter over it.
@@ -89,6 +91,11 @@ class HandlerSettings:
             tokens, as offline evaluation encodes it, and the answer says "truncated": true; the
             default) or "refuse" (400 naming the limit).
         top_k: retrieval: passages returned per query.
+        max_passages: rerank: most passages in one request. t_k is calibrated at this many
+            pairs per request, so that the schedule's prediction bounds every request; a longer
+            list is refused with 400 naming the limit.
+        pair_max_length: rerank: tokens per (query, passage) pair, the passage cut from its end
+            (the recipe's ranker.max_length); an answer counts the pairs that were cut.
         torch_threads: intra-op threads of this worker.
         calibration_cache: reuse the t_k calibration stored in the model directory for the same
             model files, machine, torch version, thread count, levels and batch sizes
@@ -116,6 +123,8 @@ class HandlerSettings:
     query_max_length: int = 32
     long_queries: str = "truncate"
     top_k: int = 10
+    max_passages: int = 20
+    pair_max_length: int = 160
     torch_threads: int = 1
     worker_nice: int = 0
     calibration_repeats: int = 30
@@ -155,9 +164,11 @@ class HandlerSettings:
         if not (s.latency_constraint_ms > 0 and math.isfinite(s.latency_constraint_ms)):
             raise ValueError("handler.latency_constraint_ms: must be a positive number of milliseconds, "
                              f"got {raw['latency_constraint_ms']!r}")
-        for k in ("query_max_length", "top_k", "torch_threads", "calibration_repeats", "retry_after_s"):
+        for k in ("query_max_length", "top_k", "torch_threads", "calibration_repeats", "retry_after_s", "max_passages"):
             if getattr(s, k) < 1:
                 raise ValueError(f"handler.{k}: must be >= 1, got {getattr(s, k)}")
+        if s.pair_max_length <= 8:
+            raise ValueError(f"handler.pair_max_length: must be > 8 tokens, got {s.pair_max_length}")
         if s.schedule not in RULES:
             raise ValueError(f"handler.schedule: expected one of {list(RULES)}, got {s.schedule!r}")
         if s.long_queries not in LONG_QUERY_POLICIES:
@@ -919,10 +930,134 @@ class ElasticClassifierServer(ElasticServer):
         return [p for p in self._prepare([body] * b)]
 
 
+CALIBRATION_PASSAGE = ("The average processing time of a web search query is the time a search engine takes to "
+                       "retrieve, score and rank the documents that match it, usually a fraction of a second, "
+                       "measured from the moment the query arrives until the results page is returned.")
+
+
+def parse_rerank(body: Any, max_passages: int) -> tuple[str, list[str], list[str]]:
+    """(query, pids, passage texts) of one rerank request: a JSON object
+    {"query": "...", "passages": [{"pid": "...", "text": "..."}, ...]} (decoded, or as bytes).
+
+    Raises:
+        BadRequest: not a JSON object; a bad query (as ``parse_query``); "passages" missing, not a
+            list, empty or longer than ``max_passages``; a passage that is not an object, whose
+            "pid" is not a string or integer, repeats an earlier pid, or whose "text" is not a
+            non-empty string of at most MAX_QUERY_CHARS characters (the message names its index).
+    """
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadRequest('request body must be a JSON object {"query": ..., "passages": [{"pid": ..., '
+                             '"text": ...}, ...]}') from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    query = parse_query(body)
+    passages = body.get("passages")
+    if not isinstance(passages, list) or not passages:
+        raise BadRequest('"passages" must be a non-empty list of {"pid": ..., "text": ...}')
+    if len(passages) > max_passages:
+        raise BadRequest(f'"passages" has {len(passages)} entries, the limit is {max_passages} (handler.max_passages)')
+    pids, texts, seen = [], [], set()
+    for i, p in enumerate(passages):
+        if not isinstance(p, dict):
+            raise BadRequest(f"passages[{i}] must be an object {{\"pid\": ..., \"text\": ...}}")
+        pid, text = p.get("pid"), p.get("text")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise BadRequest(f'passages[{i}].pid must be a string or an integer')
+        if str(pid) in seen:
+            raise BadRequest(f"passages[{i}].pid {str(pid)!r} repeats an earlier pid")
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest(f"passages[{i}].text must be a non-empty string")
+        if len(text) > MAX_QUERY_CHARS:
+            raise BadRequest(f"passages[{i}].text has {len(text)} characters, the limit is {MAX_QUERY_CHARS}")
+        seen.add(str(pid))
+        pids.append(str(pid))
+        texts.append(text.strip())
+    return query, pids, texts
+
+
+class ElasticRankerServer(ElasticServer):
+    """ElasticRanker behind one worker (the same schedule as retrieval): a cross-encoder scoring
+    each (query, passage) pair (paper eq. 11).
+
+    A request is {"query": ..., "passages": [{"pid": ..., "text": ...}, ...]} (at most
+    ``max_passages``); an answer {"results": [{"pid", "score"}, ...] (every passage, best first),
+    "truncated": pairs cut to ``pair_max_length`` tokens, "level", "queue_size"}. t_k is
+    calibrated per batch of requests of ``max_passages`` typical pairs each, so a shorter list
+    is predicted conservatively.
+
+    Args:
+        model_dir: an ElasticRanker model directory (config.json with finetuning_task "rerank",
+            model.safetensors, submap.json, tokenizer), as training/ranker.py writes; a user's
+            one-label BertForSequenceClassification cross-encoder serves as one level, 100.
+        settings, max_batch, queue, max_batch_delay_ms: see ElasticServer.
+
+    Raises:
+        ValueError: the checkpoint is not a one-output cross-encoder, or a pinned level the
+            model does not have.
+    """
+
+    TASK = "rerank"
+    REQUEST_HINT = 'a JSON body {"query": "...", "passages": [{"pid": "...", "text": "..."}, ...]}'
+
+    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+                 max_batch_delay_ms: float = 0.0):
+        from elastic.ranker import CrossEncoder
+
+        super().__init__(settings, max_batch, queue, max_batch_delay_ms)
+        d = Path(model_dir)
+        self.model = CrossEncoder(d, settings.pair_max_length)
+        self._ready(d)
+
+    @property
+    def levels(self) -> list[int]:
+        return self.model.levels
+
+    def _prepare(self, bodies: list[Any]) -> list[Any]:
+        out: list[Any] = [None] * len(bodies)
+        for i, body in enumerate(bodies):
+            try:
+                query, pids, texts = parse_rerank(body, self.settings.max_passages)
+            except BadRequest as e:
+                out[i] = Result(400, {"error": str(e)})
+                continue
+            enc = self.model.tokenizer([query] * len(texts), texts, truncation=False)
+            cut = sum(len(ids) > self.settings.pair_max_length for ids in enc["input_ids"])
+            if cut:
+                enc = self.model.tokenizer([query] * len(texts), texts, truncation="only_second",
+                                           max_length=self.settings.pair_max_length)
+            keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+            out[i] = ([{k: enc[k][j] for k in keys} for j in range(len(texts))], pids, cut)
+        return out
+
+    def _run(self, items: list[tuple[list[dict], list[str], int]], level: int) -> torch.Tensor:
+        feats = [f for pairs, _, _ in items for f in pairs]  # every pair of the batch in one forward
+        batch = dict(self.model.tokenizer.pad(feats, return_tensors="pt"))
+        with torch.inference_mode():
+            return self.model.scores(batch, level)  # (pairs,)
+
+    def _answers(self, items: list[tuple[list[dict], list[str], int]], outputs: torch.Tensor) -> list[dict]:
+        out, at = [], 0
+        for pairs, pids, cut in items:
+            scores = outputs[at:at + len(pairs)].tolist()
+            at += len(pairs)
+            ranked = sorted(zip(pids, scores), key=lambda t: -t[1])
+            out.append({"results": [{"pid": pid, "score": round(float(v), 6)} for pid, v in ranked], "truncated": cut})
+        return out
+
+    def _calibration_items(self, b: int) -> list[Any]:
+        body = {"query": CALIBRATION_QUERY,
+                "passages": [{"pid": str(j), "text": CALIBRATION_PASSAGE} for j in range(self.settings.max_passages)]}
+        return self._prepare([body] * b)
+
+
 def server_for(model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                max_batch_delay_ms: float = 0.0) -> ElasticServer:
-    """The task server of a model directory: retrieval when it holds index.faiss, GLUE
-    classification when its config.json names a finetuning_task.
+    """The task server of a model directory: retrieval when it holds index.faiss, reranking when
+    its config.json's finetuning_task is "rerank" (training/ranker.py), GLUE classification when
+    it names another finetuning_task.
 
     Raises:
         ValueError: the directory is neither (the message says what each needs).
@@ -931,6 +1066,16 @@ def server_for(model_dir: str | Path, settings: HandlerSettings, max_batch: int 
     if (d / "index.faiss").exists():
         return ElasticRetriever(d, settings, max_batch, queue, max_batch_delay_ms)
     cfg = d / "config.json"
-    if cfg.exists() and "finetuning_task" in json.loads(cfg.read_text()):
+    from elastic.classifier import config_num_labels
+
+    config = json.loads(cfg.read_text()) if cfg.exists() else {}
+    task = config.get("finetuning_task")
+    one_label_classifier = ("BertForSequenceClassification" in (config.get("architectures") or [])
+                            and config_num_labels(config) == 1)
+    if task == "rerank" or (task is None and one_label_classifier):  # ours, or a user's cross-encoder
+        return ElasticRankerServer(d, settings, max_batch, queue, max_batch_delay_ms)
+    if task is not None:
         return ElasticClassifierServer(d, settings, max_batch, queue, max_batch_delay_ms)
-    raise ValueError(f"{d}: neither a retrieval model (index.faiss) nor a GLUE model (config.json finetuning_task)")
+    raise ValueError(f"{d}: neither a retrieval model (index.faiss), a cross-encoder (config.json finetuning_task "
+                     "'rerank', or a one-label BertForSequenceClassification) nor a GLUE model (config.json "
+                     "finetuning_task)")

@@ -1,6 +1,6 @@
 """TorchServe handler of the elastic models: a thin adapter over elastic.service.server_for, which
-serves ElasticDenser (a model directory with index.faiss) or a GLUE ElasticLM (config.json with
-finetuning_task) behind the same elastic schedule.
+serves ElasticDenser (a model directory with index.faiss), ElasticRanker (a cross-encoder) or a
+GLUE ElasticLM (config.json with finetuning_task) behind the same elastic schedule.
 
 Per batch: read each request's start time (X-Request-Start) and g (the frontend's queue size,
 polled after full batches), let elastic/schedule.py pick the best SubLM that keeps every request
@@ -8,7 +8,8 @@ within T and shed those that cannot make it, run the task's model with it. Each 
 own status: a bad request answers 400 with {"error": ...}, a GET 405, a form or another unsupported
 Content-Type 415 (``http_refusal``); a shed one 503 with Retry-After; the
 others in its batch answer 200 with the task's payload plus "level": k and "queue_size": g
-(retrieval: {"results": [{"pid", "score"}...]}; GLUE: {"label", "probabilities"} or {"score"}).
+(retrieval: {"results": [{"pid", "score"}...]}; rerank: {"results": [{"pid", "score"}...]} over the
+request's passages, best first; GLUE: {"label", "probabilities"} or {"score"}).
 User text is never logged.
 
 Elastic metrics (elastic/telemetry.py: requests per level, g, level, answers past T, shed,

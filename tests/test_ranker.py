@@ -325,3 +325,55 @@ def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skip
     assert by[("elastic", 25)]["gflops_per_pair"] == pytest.approx(by[("static", 25)]["gflops_per_pair"])
     assert by[("elastic", 25)]["gflops_per_pair"] < by[("elastic", 50)]["gflops_per_pair"] < \
         by[("ranker-teacher", None)]["gflops_per_pair"]
+    import yaml
+
+    from archive.build_mar import run_ranker
+
+    mar = run_ranker(cfg, tmp_path / "store", "no-archive")  # elasticranker, editable directory
+    handler = yaml.safe_load((mar / "model-config.yaml").read_text())["handler"]
+    assert handler["max_passages"] == cfg.ranker.eval_depth and handler["pair_max_length"] == cfg.ranker.max_length
+    assert "top_k" not in handler and (mar / "submap.json").exists() and (mar / "elastic" / "service.py").exists()
+    assert json.loads((mar / "config.json").read_text())["finetuning_task"] == "rerank"
+
+
+def test_ranker_server_scores_every_passage_best_first_and_refuses_bad_requests_alone(hf_cross_encoder, tmp_path):
+    from elastic.service import ElasticRankerServer, HandlerSettings, server_for
+    from training.importance import lce_scores
+    from training.ranker import export_pruned
+
+    teacher = CrossEncoder(hf_cross_encoder[0], max_length=32)
+    hs, ns = lce_scores(teacher, [teacher.pairs(["q"] * 4, ["a b", "c d", "e f", "g h"])], group_size=2)
+    export_pruned(teacher, hs, ns, [50, 25], tmp_path / "elastic")
+    settings = HandlerSettings(latency_constraint_ms=10_000.0, pin_level=25, calibration_repeats=2, max_passages=3,
+                               pair_max_length=24, calibration_cache=False)
+    server = server_for(tmp_path / "elastic", settings, max_batch=4)
+    assert isinstance(server, ElasticRankerServer) and server.describe()["task"] == "rerank"
+    assert server.levels == [50, 25]
+    good = {"query": "who wrote hamlet", "passages": [{"pid": "p1", "text": "Rain falls."},
+                                                      {"pid": 7, "text": "Hamlet is a play by Shakespeare. " * 5},
+                                                      {"pid": "p3", "text": "Cats sleep."}]}
+    bodies = [good, {"query": "q", "passages": [{"pid": "a", "text": "x"}] * 2},
+              {"query": "q", "passages": [{"pid": str(i), "text": "x"} for i in range(4)]},
+              {"query": "q"}, b"not json", {"query": "q", "passages": [{"pid": "a", "text": "  "}]}]
+    out = server.handle_batch(bodies)
+    assert [r.status for r in out] == [200, 400, 400, 400, 400, 400]
+    assert out[1].payload["error"] == "passages[1].pid 'a' repeats an earlier pid"
+    assert out[2].payload["error"] == '"passages" has 4 entries, the limit is 3 (handler.max_passages)'
+    assert out[3].payload["error"].startswith('"passages" must be a non-empty list')
+    assert "JSON object" in out[4].payload["error"]
+    assert out[5].payload["error"] == "passages[0].text must be a non-empty string"
+    ans = out[0].payload
+    assert ans["level"] == 25 and ans["queue_size"] == 0 and ans["truncated"] == 1  # the long passage was cut
+    ref = CrossEncoder(tmp_path / "elastic", max_length=24).score(
+        ["who wrote hamlet"] * 3, [p["text"] for p in good["passages"]], 25)
+    want = sorted(zip(["p1", "7", "p3"], ref.tolist()), key=lambda t: -t[1])
+    assert [r["pid"] for r in ans["results"]] == [p for p, _ in want]
+    assert [r["score"] for r in ans["results"]] == pytest.approx([v for _, v in want], abs=1e-5)
+    # two requests in one batch: one forward over all pairs, each answer its own passages
+    two = server.handle_batch([good, {"query": "q", "passages": [{"pid": "z", "text": "Cats sleep."}]}])
+    assert [r["pid"] for r in two[0].payload["results"]] == [p for p, _ in want]
+    assert [r["pid"] for r in two[1].payload["results"]] == ["z"]
+    with pytest.raises(ValueError, match="handler.max_passages: must be >= 1"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "max_passages": 0})
+    with pytest.raises(ValueError, match="handler.pair_max_length: must be > 8"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "pair_max_length": 8})
