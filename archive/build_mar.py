@@ -154,6 +154,45 @@ def run_glue(cfg: RecipeConfig, task: str, export_path: Path = Path("model_store
     return out
 
 
+def stage_pipeline(denser_dir: Path, index_dir: Path, ranker_dir: Path, collection: Path, quality: Path,
+                   out: Path) -> Path:
+    """Lay out the two-stage pipeline's model directory (elastic/service.ElasticPipelineServer):
+    denser/ and ranker/ (model files), index.faiss + pids.txt, passages.tsv.gz (the collection's
+    text of every indexed pid, gzip) and pipeline.json (the quality table of
+    benchmarks/pipeline_quality.py).
+
+    Raises:
+        FileNotFoundError: a model, index, collection or quality file is missing (named).
+        ValueError: an indexed pid without text in the collection.
+    """
+    import gzip
+
+    from elastic.data import read_tsv
+
+    needed = ([denser_dir / f for f in MODEL_FILES] + [ranker_dir / f for f in MODEL_FILES] +
+              [index_dir / "index.faiss", index_dir / "pids.txt", collection, quality])
+    for f in needed:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing" + ("; measure it with python -m benchmarks.pipeline_quality"
+                                                       if f == quality else ""))
+    for sub, src in (("denser", denser_dir), ("ranker", ranker_dir)):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for f in MODEL_FILES + TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy(src / f, out / sub / f)
+    for f in ("index.faiss", "pids.txt"):
+        shutil.copy(index_dir / f, out / f)
+    text = read_tsv(collection)
+    pids = (index_dir / "pids.txt").read_text().split()
+    missing = [p for p in pids if p not in text]
+    if missing:
+        raise ValueError(f"{collection}: no text for indexed pid {missing[0]!r} ({len(missing)} missing)")
+    with gzip.open(out / "passages.tsv.gz", "wt", encoding="utf-8") as f:
+        f.writelines(f"{p}\t{text[p]}\n" for p in pids)
+    shutil.copy(quality, out / "pipeline.json")
+    return out
+
+
 def run_ranker(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:
     """Pack run_dir/ranker/elastic (training/ranker.py) as elasticranker.mar with the same handler
     and the recipe's serve settings; a request may carry up to ``ranker.eval_depth`` passages (the

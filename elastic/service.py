@@ -4,14 +4,16 @@ model at the chosen SubLM -> one answer per request).
 
 ``ElasticServer`` holds everything the schedule needs (ages, g, o, c, λ, shedding, counters,
 Server-Timing); a task supplies four hooks: parse a batch of bodies, run items at a level, turn
-outputs into answers, and a calibration item. Three tasks:
+outputs into answers, and a calibration item. Four tasks:
 
 - ``ElasticRetriever``: ElasticDenser, query -> top-k passages (exact search of the FAISS flat
   index, one sgemm per batch);
 - ``ElasticClassifierServer``: ElasticLM fine-tuned on a GLUE task, text (+ text_pair) -> label
   and probabilities, or STS-B's score;
 - ``ElasticRankerServer``: ElasticRanker, a query and its candidate passages -> a score per
-  passage, best first (one forward over every pair of the batch).
+  passage, best first (one forward over every pair of the batch);
+- ``ElasticPipelineServer``: query -> ElasticDenser top-K -> ElasticRanker -> top-k, the schedule
+  choosing (denser level, ranker level, K) per batch (elastic/pipeline.py).
 
 ``server_for`` picks the task from the model directory; handler/elastic_handler.py is a thin
 TorchServe adapter over it.
@@ -512,6 +514,10 @@ class ElasticServer:
     def _time_cells(self, timed) -> Calibration:
         """``calibrate``'s rounds with ``timed(items, level) -> ms`` as the timer: 3 warm-up runs
         per cell, then calibration_repeats rounds through every cell; medians, made monotone."""
+        return monotone_calibration(*self._median_cells(timed))
+
+    def _median_cells(self, timed) -> tuple[tuple[int, ...], dict[int, tuple[float, ...]]]:
+        """(batch sizes, level -> median ms per batch size) of ``_time_cells``' rounds, as measured."""
         sizes = self._batch_sizes()
         items = {b: self._calibration_items(b) for b in sizes}
         cells = [(level, b) for level in self.levels for b in sizes]
@@ -522,8 +528,7 @@ class ElasticServer:
         for _ in range(self.settings.calibration_repeats):
             for level, b in cells:
                 runs[(level, b)].append(timed(items[b], level))
-        ms = {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
-        return monotone_calibration(sizes, ms)
+        return sizes, {level: tuple(statistics.median(runs[(level, b)]) for b in sizes) for level in self.levels}
 
     IDLE_S = 1.0  # a stored calibration is re-measured only after this long without a batch
     CLEAN_RUN = 0.9  # a re-measured run counts only if this thread had the CPU for this share of its wall time
@@ -724,6 +729,40 @@ class ElasticServer:
         }
 
 
+def load_index(d: Path, hidden_size: int):
+    """(FAISS index, pids) of a model directory's index.faiss and pids.txt.
+
+    Raises:
+        FileNotFoundError: a file is missing; ValueError: they disagree with each other or with
+            the encoder's hidden size.
+    """
+    import faiss
+
+    for f in ("index.faiss", "pids.txt"):
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{d}: {f} is missing")
+    index = faiss.read_index(str(d / "index.faiss"))
+    pids = (d / "pids.txt").read_text().split()
+    if index.ntotal != len(pids):
+        raise ValueError(f"index.faiss has {index.ntotal} vectors but pids.txt has {len(pids)} pids")
+    if index.d != hidden_size:
+        raise ValueError(f"index.faiss has dimension {index.d}, config.json hidden_size is {hidden_size}")
+    return index, pids
+
+
+def dense_search(encoder: ElasticEncoder, index, vectors: torch.Tensor | None, ids: list[list[int]], level: int,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, k) scores and index rows of already tokenized queries encoded at ``level``: one sgemm
+    over ``vectors`` (``flat_ip_vectors``) when given, else FAISS's search."""
+    batch = encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    with torch.inference_mode():
+        q = encoder.embed(batch, level)
+        if vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
+            top = torch.topk(q @ vectors.T, min(k, vectors.shape[0]), dim=1)
+            return top.values.numpy(), top.indices.numpy()
+    return index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
+
+
 class ElasticRetriever(ElasticServer):
     """ElasticDenser behind one worker: the elastic query encoder and the FAISS index of passages
     encoded by the largest SubLM. A request is {"query": ...} (see ``parse_query``); an answer
@@ -751,16 +790,7 @@ class ElasticRetriever(ElasticServer):
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d)
-        for f in ("index.faiss", "pids.txt"):
-            if not (d / f).exists():
-                raise FileNotFoundError(f"{d}: {f} is missing")
-        self.index = faiss.read_index(str(d / "index.faiss"))
-        self.pids = (d / "pids.txt").read_text().split()
-        if self.index.ntotal != len(self.pids):
-            raise ValueError(f"index.faiss has {self.index.ntotal} vectors but pids.txt has {len(self.pids)} pids")
-        if self.index.d != self.encoder.dims.hidden_size:
-            raise ValueError(f"index.faiss has dimension {self.index.d}, config.json hidden_size is "
-                             f"{self.encoder.dims.hidden_size}")
+        self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
         self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
         self._ready(d)
 
@@ -774,13 +804,7 @@ class ElasticRetriever(ElasticServer):
 
     def _search(self, ids: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, top_k) scores and index rows for already tokenized queries, at ``level``."""
-        batch = self.encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        with torch.inference_mode():
-            q = self.encoder.embed(batch, level)
-            if self._vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
-                top = torch.topk(q @ self._vectors.T, min(self.settings.top_k, self._vectors.shape[0]), dim=1)
-                return top.values.numpy(), top.indices.numpy()
-        return self.index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), self.settings.top_k)
+        return dense_search(self.encoder, self.index, self._vectors, ids, level, self.settings.top_k)
 
     def _prepare(self, bodies: list[Any]) -> list[Any]:
         out: list[Any] = [None] * len(bodies)
@@ -1053,9 +1077,125 @@ class ElasticRankerServer(ElasticServer):
         return self._prepare([body] * b)
 
 
+class ElasticPipelineServer(ElasticRetriever):
+    """The elastic two-stage pipeline behind one worker: query -> ElasticDenser top-K ->
+    ElasticRanker -> top_k, with one schedule choosing the configuration (denser level, ranker
+    level, rerank depth K; K = 0: dense only) per batch (elastic/pipeline.py).
+
+    The configurations and their offline quality come from ``pipeline.json``; each one's t is
+    calibrated at load (on the calibration query and the passages the index returns for it) and
+    only the quality-time Pareto frontier is kept, numbered by quality: "level" in an answer and
+    ``handler.pin_level`` are these numbers, N the best, 1 the cheapest (``describe()`` lists
+    them). A request is {"query": ...} as for retrieval; an answer {"results": [{"pid", "score",
+    "stage"}] ("rerank": the ranker's score, "dense": the denser's, for candidates past K),
+    "configuration": {denser_level, ranker_level, depth}, "truncated", "level", "queue_size"}.
+
+    Args:
+        model_dir: holds denser/ (an ElasticDenser model directory), ranker/ (a cross-encoder
+            directory), index.faiss + pids.txt (the denser's passage index), passages.tsv.gz
+            (pid<TAB>text of every indexed passage) and pipeline.json
+            (archive/build_mar.py --pipeline packs them).
+        settings, max_batch, queue, max_batch_delay_ms: see ElasticServer.
+
+    Raises:
+        FileNotFoundError / ValueError: a file missing or not matching the others (an indexed pid
+            without text, a configuration naming a level a model lacks), or a pinned
+            configuration that does not exist.
+    """
+
+    TASK = "pipeline"
+
+    def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
+                 max_batch_delay_ms: float = 0.0):
+        import dataclasses
+
+        import faiss
+
+        from elastic.data import read_tsv
+        from elastic.pipeline import load_quality_table
+        from elastic.ranker import CrossEncoder
+
+        if settings.pin_level is not None:  # a stored frontier need not hold the pinned configuration
+            settings = dataclasses.replace(settings, calibration_cache=False)
+        ElasticServer.__init__(self, settings, max_batch, queue, max_batch_delay_ms)
+        d = Path(model_dir)
+        faiss.omp_set_num_threads(settings.torch_threads)
+        self.encoder = ElasticEncoder(d / "denser")
+        self.ranker = CrossEncoder(d / "ranker", settings.pair_max_length)
+        self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
+        self._vectors = flat_ip_vectors(self.index)
+        text = read_tsv(d / "passages.tsv.gz")
+        missing = [p for p in self.pids if p not in text]
+        if missing:
+            raise ValueError(f"{d}/passages.tsv.gz: no text for indexed pid {missing[0]!r} ({len(missing)} missing)")
+        self.texts = [text[p] for p in self.pids]  # aligned with the index rows
+        cands = load_quality_table(d / "pipeline.json", self.encoder.levels, self.ranker.levels, settings.top_k)
+        order = sorted(range(len(cands)), key=lambda i: (cands[i].mrr_at_10, -i))  # worst first
+        self.configs = {rank + 1: cands[i] for rank, i in enumerate(order)}  # key: quality rank, N = best
+        self._ready(d)
+
+    @property
+    def levels(self) -> list[int]:
+        """Configuration numbers, best first: every candidate until calibrated, then the frontier."""
+        if getattr(self, "calibration", None) is not None:
+            return sorted(self.calibration.ms, reverse=True)
+        return sorted(self.configs, reverse=True)
+
+    def calibrate(self) -> Calibration:
+        """t of every candidate configuration (``ElasticServer.calibrate``'s rounds), then only the
+        quality-time frontier at batch size 1 (and a pinned configuration) is kept."""
+        from elastic.pipeline import frontier
+
+        self.calibration = None
+        sizes, ms = self._median_cells(self._timed_run)
+        keys = sorted(ms)
+        kept = {keys[i] for i in frontier([self.configs[k] for k in keys], [ms[k][0] for k in keys])}
+        if self.settings.pin_level is not None:
+            kept.add(self.settings.pin_level)
+        return monotone_calibration(sizes, {k: ms[k] for k in kept})
+
+    def _run(self, items: list[tuple[list[int], bool]], level: int):
+        from elastic.pipeline import merge_reranked
+
+        cfg, top_k = self.configs[level], self.settings.top_k
+        ids = [tok for tok, _ in items]
+        scores, rows = dense_search(self.encoder, self.index, self._vectors, ids, cfg.denser_level,
+                                    max(top_k, cfg.depth))
+        if cfg.depth == 0:
+            return cfg, [[(int(j), float(v), "dense") for j, v in zip(r[:top_k], sc[:top_k]) if j >= 0]
+                         for r, sc in zip(rows, scores)]
+        queries = self.encoder.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        heads = [[int(j) for j in r[:cfg.depth] if j >= 0] for r in rows]
+        qs = [q for q, h in zip(queries, heads) for _ in h]
+        ps = [self.texts[j] for h in heads for j in h]
+        with torch.inference_mode():  # every pair of the batch in one forward
+            flat = self.ranker.scores(self.ranker.pairs(qs, ps), cfg.ranker_level).tolist()
+        out, at = [], 0
+        for r, sc, h in zip(rows, scores, heads):
+            rerank = dict(zip(h, flat[at:at + len(h)]))
+            at += len(h)
+            dense = {int(j): float(v) for j, v in zip(r, sc) if j >= 0}
+            final = merge_reranked([int(j) for j in r if j >= 0], [rerank[j] for j in h], top_k)
+            out.append([(j, rerank[j], "rerank") if j in rerank else (j, dense[j], "dense") for j in final])
+        return cfg, out
+
+    def _answers(self, items: list[tuple[list[int], bool]], outputs) -> list[dict]:
+        cfg, lists = outputs
+        return [{"results": [{"pid": self.pids[j], "score": round(v, 6), "stage": st} for j, v, st in ranked],
+                 "configuration": cfg.describe(), "truncated": cut}
+                for ranked, (_, cut) in zip(lists, items)]
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["configurations"] = {str(k): {**self.configs[k].describe(), "mrr_at_10": self.configs[k].mrr_at_10}
+                                 for k in self.levels}
+        return out
+
+
 def server_for(model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                max_batch_delay_ms: float = 0.0) -> ElasticServer:
-    """The task server of a model directory: retrieval when it holds index.faiss, reranking when
+    """The task server of a model directory: the two-stage pipeline when it holds pipeline.json,
+    retrieval when it holds index.faiss, reranking when
     its config.json's finetuning_task is "rerank" (training/ranker.py), GLUE classification when
     it names another finetuning_task.
 
@@ -1063,6 +1203,8 @@ def server_for(model_dir: str | Path, settings: HandlerSettings, max_batch: int 
         ValueError: the directory is neither (the message says what each needs).
     """
     d = Path(model_dir)
+    if (d / "pipeline.json").exists():
+        return ElasticPipelineServer(d, settings, max_batch, queue, max_batch_delay_ms)
     if (d / "index.faiss").exists():
         return ElasticRetriever(d, settings, max_batch, queue, max_batch_delay_ms)
     cfg = d / "config.json"
