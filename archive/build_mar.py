@@ -4,6 +4,8 @@ torch-model-archiver.
     python -m archive.build_mar --config configs/demo.yaml [--archive-format no-archive]
     python -m archive.build_mar --config configs/glue.yaml --glue-task SST-2   # -> elasticlm-sst-2.mar
     python -m archive.build_mar --config configs/ranker.yaml --ranker          # -> elasticranker.mar
+    python -m archive.build_mar --config configs/ranker.yaml --pipeline --denser-run runs/full
+                                                                   # -> elasticpipeline.mar
 
 Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
 model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt), the
@@ -74,6 +76,15 @@ def archive(handler: Path, files: Path, yaml_cfg: dict, name: str, export_path: 
     return export_path / (name if archive_format == "no-archive" else f"{name}.mar")
 
 
+def add_serving_code(stage: Path) -> None:
+    """Copy the elastic/ package and the elastic metrics' metrics.yaml (TorchServe's metrics
+    configuration format, elastic/telemetry.py) into a staged model directory."""
+    (stage / "elastic").mkdir(parents=True, exist_ok=True)
+    for f in (ROOT / "elastic").glob("*.py"):
+        shutil.copy(f, stage / "elastic" / f.name)
+    (stage / "metrics.yaml").write_text(yaml.safe_dump(metrics_yaml(), sort_keys=False))
+
+
 def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
               archive_format: str = "default") -> Path:
     """Stage the model, index (ElasticDenser; None for a GLUE model) and elastic/ package, then
@@ -91,16 +102,13 @@ def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_c
             raise FileNotFoundError(f"{f}: missing; run training.prune/distill/finetune and training.build_index first")
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"
-        (stage / "elastic").mkdir(parents=True)
+        stage.mkdir()
         for f in MODEL_FILES + TOKENIZER_FILES:
             if (model_dir / f).exists():
                 shutil.copy(model_dir / f, stage / f)
         for f in ("index.faiss", "pids.txt") if index_dir is not None else ():
             shutil.copy(index_dir / f, stage / f)
-        for f in (ROOT / "elastic").glob("*.py"):
-            shutil.copy(f, stage / "elastic" / f.name)
-        # the elastic metrics, in TorchServe's metrics configuration format (elastic/telemetry.py)
-        (stage / "metrics.yaml").write_text(yaml.safe_dump(metrics_yaml(), sort_keys=False))
+        add_serving_code(stage)
         return archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, name, export_path, archive_format)
 
 
@@ -126,9 +134,15 @@ def main() -> None:
                                         "training/glue.py) as elasticlm-<task>.mar instead of ElasticDenser")
     ap.add_argument("--ranker", action="store_true", help="pack the recipe's ElasticRanker (run_dir/ranker/elastic, "
                     "training/ranker.py) as elasticranker.mar instead of ElasticDenser")
+    ap.add_argument("--pipeline", action="store_true", help="pack the two-stage pipeline (--denser-run's ElasticDenser, "
+                    "this recipe's ElasticRanker, run_dir/pipeline/pipeline.json from benchmarks.pipeline_quality) as "
+                    "elasticpipeline.mar")
+    ap.add_argument("--denser-run", type=Path, help="with --pipeline: the ElasticDenser's run directory (default: run_dir)")
     a = ap.parse_args()
     cfg = load_config(a.config)
-    if a.ranker:
+    if a.pipeline:
+        run_pipeline(cfg, a.denser_run or cfg.run, a.export_path, a.archive_format)
+    elif a.ranker:
         run_ranker(cfg, a.export_path, a.archive_format)
     elif a.glue_task:
         run_glue(cfg, a.glue_task, a.export_path, a.archive_format)
@@ -203,6 +217,22 @@ def run_ranker(cfg: RecipeConfig, export_path: Path = Path("model_store"), archi
     h["max_passages"], h["pair_max_length"] = cfg.ranker.eval_depth, cfg.ranker.max_length
     out = build_mar(cfg.run / "ranker" / "elastic", None, export_path, yaml_cfg, name="elasticranker",
                     archive_format=archive_format)
+    print(f"[archive] wrote {out}", flush=True)
+    return out
+
+
+def run_pipeline(cfg: RecipeConfig, denser_run: Path, export_path: Path = Path("model_store"),
+                 archive_format: str = "default") -> Path:
+    """Pack the two-stage pipeline (``stage_pipeline``) as elasticpipeline.mar with the same handler
+    and the recipe's serve settings; pairs are cut to ``ranker.max_length`` tokens."""
+    yaml_cfg = model_config(cfg.serve, cfg.encode.query_max_length)
+    yaml_cfg["handler"]["pair_max_length"] = cfg.ranker.max_length
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = stage_pipeline(denser_run / "elastic", denser_run / "index", cfg.run / "ranker" / "elastic",
+                               Path(cfg.data.collection), cfg.run / "pipeline" / "pipeline.json", Path(tmp) / "files")
+        add_serving_code(stage)
+        out = archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, "elasticpipeline", export_path,
+                      archive_format)
     print(f"[archive] wrote {out}", flush=True)
     return out
 

@@ -4,6 +4,7 @@ tests write themselves."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -287,7 +288,8 @@ def test_elastic_ranker_objective_terms(hf_cross_encoder):
         ElasticRankerObjective(student, teacher, None, 3, 1.0, 0.0, 1.0, 0.5, 4)
 
 
-def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skips(ranker_cfg, tmp_path, capsys):
+def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skips(ranker_cfg, tiny_elastic, tmp_path,
+                                                                                   capsys):
     import copy
 
     from benchmarks.rerank import run as rerank
@@ -334,6 +336,37 @@ def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skip
     assert handler["max_passages"] == cfg.ranker.eval_depth and handler["pair_max_length"] == cfg.ranker.max_length
     assert "top_k" not in handler and (mar / "submap.json").exists() and (mar / "elastic" / "service.py").exists()
     assert json.loads((mar / "config.json").read_text())["finetuning_task"] == "rerank"
+
+    # the two-stage pipeline over this ranker and a tiny ElasticDenser: quality table, then .mar
+    from archive.build_mar import run_pipeline
+    from benchmarks.pipeline_quality import run as pipeline_quality
+    from elastic.service import ElasticPipelineServer, HandlerSettings, server_for
+
+    denser_run = tmp_path / "denser"
+    denser_run.mkdir()
+    for sub in ("elastic", "index"):
+        (denser_run / sub).symlink_to(tiny_elastic)
+    col = tmp_path / "col300.tsv"  # every passage the tiny index holds
+    col.write_text("".join(f"{k}\t{v}\n" for k, v in tiny_collection(300).items()))
+    cfg.data.collection = str(col)
+    rows = pipeline_quality(cfg, denser_run, None, None, None, [2, 4], None, tmp_path / "pq")
+    assert len(rows) == 3 * (1 + 2 * 2)  # denser levels x (dense only + ranker levels x depths)
+    assert all((r["depth"] == 0) == (r["ranker_level"] is None) and 0 <= r["mrr_at_10"] <= 1 for r in rows)
+    g = {(r["denser_level"], r["ranker_level"], r["depth"]): r["gflops_per_query"] for r in rows}
+    assert g[(50, 25, 2)] < g[(50, 25, 4)] and g[(50, None, 0)] < g[(50, 25, 2)] < g[(50, 50, 2)]
+    table = json.loads((tmp_path / "pq" / "pipeline.json").read_text())["configs"]
+    assert len(table) == sum(r["frontier"] for r in rows) >= 1
+    best = max(rows, key=lambda r: (r["mrr_at_10"], -r["gflops_per_query"]))
+    assert best["frontier"]
+    (cfg.run / "pipeline").mkdir()
+    shutil.copy(tmp_path / "pq" / "pipeline.json", cfg.run / "pipeline" / "pipeline.json")
+    mar = run_pipeline(cfg, denser_run, tmp_path / "store", "no-archive")
+    assert {"denser", "ranker", "elastic", "index.faiss", "pids.txt", "passages.tsv.gz", "pipeline.json",
+            "model-config.yaml"} <= {f.name for f in mar.iterdir()}
+    server = server_for(mar, HandlerSettings(latency_constraint_ms=10_000.0, calibration_repeats=1,
+                                             calibration_cache=False), max_batch=1)
+    assert isinstance(server, ElasticPipelineServer) and len(server.levels) >= 1
+    assert server.handle_batch([{"query": "what is a bank"}])[0].status == 200
 
 
 def test_ranker_server_scores_every_passage_best_first_and_refuses_bad_requests_alone(hf_cross_encoder, tmp_path):
