@@ -9,6 +9,10 @@ Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_ba
 - elastic: the deadline rule with shedding (the default handler settings);
 - elastic-paper: the paper's rule (g+1)·t_k <= T, serving late requests (the previous server);
 - static: one pinned level (handler.pin_level), same deadline-based shedding as elastic;
+- pipeline: the two-stage pipeline (elasticpipeline: this recipe's ElasticDenser, then the
+  ElasticRanker of --pipeline-config over its top K, one schedule choosing (denser level, ranker
+  level, K) per batch; elastic/service.ElasticPipelineServer), same deadline rule and shedding as
+  elastic; its "mean_level" is the mean configuration number (N = best), not a percent;
 - noop: benchmarks/noop_handler.py, no model: the ceiling of the serving stack (independent of T,
   so one run per rate is scored against every T).
 
@@ -51,7 +55,7 @@ from training.config import RecipeConfig, load_config
 
 ROW_KEYS = ("server", "level", "T_ms", "rate_rps", "requests", "ok", "shed", "errors", "p50_ms", "p99_ms", "within_T",
             "windows_ok", "mrr_at_10", "effective_mrr_at_10", "mean_level")
-SERVERS = ("elastic", "elastic-paper", "static", "noop")
+SERVERS = ("elastic", "elastic-paper", "static", "pipeline", "noop")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Server:
         return self.kind if self.variant is None else f"{self.kind} {self.variant[0]}={self.variant[1]}"
 
     def handler_settings(self) -> dict:
-        if self.kind == "elastic":
+        if self.kind in ("elastic", "pipeline"):
             return {"latency_constraint_ms": self.T_ms, "schedule": "deadline", "late_requests": "shed",
                     **dict([self.variant] if self.variant else [])}
         if self.kind == "elastic-paper":
@@ -409,6 +413,8 @@ def main() -> None:
                     help="extra handler settings of every model server, e.g. max_utilization=0.9 (elastic/service.py)")
     ap.add_argument("--elastic-variants", nargs="+", type=handler_setting, default=[], metavar="KEY=VALUE",
                     help="one more elastic server per KEY=VALUE, with that handler setting (e.g. max_utilization=0.85)")
+    ap.add_argument("--pipeline-config", help="recipe YAML of the ElasticRanker and its run_dir/pipeline/pipeline.json "
+                    "(benchmarks.pipeline_quality), for the pipeline server (its denser is this --config's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
     ap.add_argument("--report-only", metavar="HOW", help="write slo.md and the plots from --out/slo.json as it is "
@@ -423,9 +429,16 @@ def main() -> None:
         raise SystemExit("--rates: expected positive rates in ascending order")
     if min(a.T) <= 0 or a.duration_s <= 0 or a.warmup_s < 0 or a.repeats < 1:
         raise SystemExit("--T, --duration-s must be > 0, --warmup-s >= 0, --repeats >= 1")
+    if "pipeline" in a.servers and not a.pipeline_config:
+        raise SystemExit("--servers pipeline: needs --pipeline-config (the ElasticRanker's recipe)")
     cfg = load_config(a.config)
     s = cfg.serve
     work, store, base = prepare_store(cfg, "slo")
+    pipeline_base = None
+    if "pipeline" in a.servers:
+        from archive.build_mar import run_pipeline
+
+        pipeline_base = run_pipeline(load_config(a.pipeline_config), cfg.run, store, "no-archive")
     qrels = read_qrels(cfg.data.qrels)
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = json.loads((a.out / "slo.json").read_text()) if a.append and (a.out / "slo.json").exists() else []
@@ -441,11 +454,14 @@ def main() -> None:
     for T in a.T:
         specs += [Server(k, None, T) for k in ("elastic", "elastic-paper") if k in a.servers]
         specs += [Server("elastic", None, T, v) for v in a.elastic_variants]
+        if "pipeline" in a.servers:
+            specs.append(Server("pipeline", None, T))
         if "static" in a.servers:
             specs += [Server("static", lv, T) for lv in a.static_levels]
     for spec in specs:
         if spec.kind != "noop":
-            model_variant(base, store, spec.name, {**spec.handler_settings(), **extra})
+            model_variant(pipeline_base if spec.kind == "pipeline" else base, store, spec.name,
+                          {**spec.handler_settings(), **extra})
     a.prior = rows
     rows = rows + interleaved(cfg, specs, store, work, a, qrels)
     (a.out / "slo.json").write_text(json.dumps(rows, indent=1) + "\n")
