@@ -410,3 +410,23 @@ def test_ranker_server_scores_every_passage_best_first_and_refuses_bad_requests_
         HandlerSettings.from_yaml({"latency_constraint_ms": 50, "max_passages": 0})
     with pytest.raises(ValueError, match="handler.pair_max_length: must be > 8"):
         HandlerSettings.from_yaml({"latency_constraint_ms": 50, "pair_max_length": 8})
+
+
+def test_relations_are_distilled_on_the_first_pairs_of_each_group(hf_cross_encoder):
+    from training.ranker import ElasticRankerObjective
+    from training.relations import RelationHead, relation_kl, teacher_relations
+
+    teacher = CrossEncoder(hf_cross_encoder[0], max_length=32)
+    student = CrossEncoder(hf_cross_encoder[0], max_length=32, dropout=0.0)
+    head = RelationHead(teacher.dims.hidden_size, teacher.model.bert.encoder.layer[-1].attention.self)
+    batch = teacher.pairs(["q one"] * 3 + ["q two"] * 3, ["a b c", "d e", "f g h i", "j", "k l", "m n o"])
+    obj = ElasticRankerObjective(student, teacher, head, 3, 0.0, 0.0, 1.0, 1.0, 4, relation_pairs=2)
+    prep = obj.prepare(batch)
+    assert prep["rows"].tolist() == [0, 1, 3, 4]
+    sub = {k: v[[0, 1, 3, 4]] for k, v in batch.items()}
+    want = teacher_relations(teacher.model.bert, sub, 4)
+    assert all(torch.allclose(prep["relations"][k], want[k]) for k in want)
+    with torch.no_grad():
+        h = student.model.bert(sub["input_ids"], sub["attention_mask"], sub["token_type_ids"])
+        ref = relation_kl(want, head(h, sub["attention_mask"], 4), sub["attention_mask"])
+        assert obj.loss(batch, prep, 100).item() == pytest.approx(ref.item(), rel=1e-5)

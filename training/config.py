@@ -253,6 +253,9 @@ class ElasticRankerConfig:
     relation_weight: float = _f(1.0, "weight of MiniLMv2 relation distillation (eq. 7) from the teacher's last MHA "
                                 "block, through an additional MHA block on each SubLM (training/relations.py; 0 = off); "
                                 "R is distill.relation_heads")
+    relation_pairs: int = _f(1, "pairs of each group whose relations are distilled, from the first (the "
+                             "pseudo-positive); relations of all 32 pairs of a step cost about 1.2 s per SubLM on this "
+                             "CPU at 160 tokens, four times the SubLM's own forward and backward")
     dropout: float = _f(0.1, "dropout on the pooled output while training")
     seed: int = _f(0, "seed of the score-query sample and of batch sampling")
 
@@ -456,6 +459,9 @@ def _validate_elastic_ranker(e: ElasticRankerConfig, r: RankerConfig) -> None:
     for name in ("score_queries", "score_batch_queries", "batch_queries", "steps"):
         if getattr(e, name) < 1:
             raise ValueError(f"config elastic_ranker.{name}: must be >= 1")
+    if not 1 <= e.relation_pairs <= e.group_size:
+        raise ValueError(f"config elastic_ranker.relation_pairs: must be in [1, elastic_ranker.group_size = "
+                         f"{e.group_size}], got {e.relation_pairs}")
     if not 2 <= e.group_size <= r.depth:
         raise ValueError(f"config elastic_ranker.group_size: must be in [2, ranker.depth = {r.depth}], got {e.group_size}")
     for name in ("lr", "max_grad_norm", "kd_temperature"):

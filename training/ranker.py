@@ -14,6 +14,9 @@
            + kd_weight · τ² · KL(softmax(t / τ) || softmax(s_k / τ))   (the teacher's group scores t)
            + relation_weight · Σ_{Q,K,V} KL(teacher relations || SubLM relations)   (eq. 7)
 
+   (the relations of the first ``relation_pairs`` pairs of each group, the pseudo-positive first:
+   relations of every pair cost four times the SubLM's own step on this CPU)
+
    LCE alone would teach each SubLM the pseudo-labels, which are often wrong (P@1 0.372 on dev500,
    benchmarks/results/rerank_labels.json); the teacher's scores say how much each negative is
    worse, and the relations carry its attention structure (MiniLMv2, through an additional MHA
@@ -65,12 +68,18 @@ class ElasticRankerObjective:
 
     def __init__(self, student: CrossEncoder, teacher: CrossEncoder, relation_head: RelationHead | None,
                  group_size: int, lce_weight: float, kd_weight: float, kd_temperature: float,
-                 relation_weight: float, relation_heads: int):
+                 relation_weight: float, relation_heads: int, relation_pairs: int = 1):
         self.student, self.teacher, self.head, self.m = student, teacher, relation_head, group_size
         self.lce_weight, self.kd_weight, self.kd_temperature = lce_weight, kd_weight, kd_temperature
-        self.relation_weight, self.R = relation_weight, relation_heads
+        self.relation_weight, self.R, self.relation_pairs = relation_weight, relation_heads, relation_pairs
         if relation_weight and relation_head is None:
             raise ValueError("ElasticRankerObjective: relation_weight > 0 needs a relation head")
+
+    def _related(self, n_pairs: int) -> torch.Tensor:
+        """(B·relation_pairs,) rows of the batch whose relations are distilled: the first
+        ``relation_pairs`` of each group of m (the pseudo-positive first)."""
+        groups = torch.arange(0, n_pairs, self.m)
+        return (groups[:, None] + torch.arange(self.relation_pairs)).reshape(-1)
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
@@ -79,7 +88,9 @@ class ElasticRankerObjective:
                         all_hidden_states=True)  # L + 1 of (B·m, T, d)
         out = {"scores": t.head(states[-1])[:, 0].view(-1, self.m)}  # (B, m)
         if self.relation_weight:
-            out["relations"] = last_layer_relations(t.bert, states[-2], batch["attention_mask"], self.R)
+            rows = self._related(len(batch["input_ids"])).to(states[-2].device)
+            out["rows"] = rows
+            out["relations"] = last_layer_relations(t.bert, states[-2][rows], batch["attention_mask"][rows], self.R)
         return out
 
     def loss(self, batch: dict, prep: dict, level: int) -> torch.Tensor:
@@ -93,8 +104,9 @@ class ElasticRankerObjective:
         if self.kd_weight:
             loss = loss + self.kd_weight * listwise_kd(scores, prep["scores"], self.kd_temperature)
         if self.relation_weight:
-            rel = self.head(h, batch["attention_mask"], self.R)
-            loss = loss + self.relation_weight * relation_kl(prep["relations"], rel, batch["attention_mask"])
+            rows = prep["rows"]
+            rel = self.head(h[rows], batch["attention_mask"][rows], self.R)
+            loss = loss + self.relation_weight * relation_kl(prep["relations"], rel, batch["attention_mask"][rows])
         return loss
 
     def finish(self, prep: dict) -> None:
@@ -165,7 +177,8 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
     student.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # as the teacher's recipe
     teacher.model.to(device).eval()
     objective = ElasticRankerObjective(student, teacher, rel, e.group_size, e.lce_weight, e.kd_weight,
-                                       e.kd_temperature, e.relation_weight, cfg.distill.relation_heads)
+                                       e.kd_temperature, e.relation_weight, cfg.distill.relation_heads,
+                                       e.relation_pairs)
     base = group_sampler(data, student, e.batch_queries, e.group_size, device)
 
     def sample(rng: random.Random) -> dict:
