@@ -1,7 +1,7 @@
 """Expressive scores of heads and FFN neurons (paper eq. 3-5, Molchanov et al. 2019).
 
 Gates ξ (one per head) and ν (one per neuron) are held at 1 and multiply each head's output and
-each GELU output. Two scores, chosen by ``prune.score_objective``:
+each GELU output. Two scores for ElasticDenser, chosen by ``prune.score_objective``, and one for ElasticRanker:
 
 - ``contrastive`` (the paper's eq. 3-6): |∂L/∂gate| of the in-batch contrastive loss on (query,
   pseudo-positive) pairs, accumulated over batches: the first-order Taylor estimate of the loss
@@ -20,6 +20,10 @@ each GELU output. Two scores, chosen by ``prune.score_objective``:
   every cross term (between the two parts and between queries) has zero mean (r is zero-mean;
   the score function has zero mean under p), so the squared gate gradients estimate the
   weighted sum of both diagonals.
+
+- ``lce`` (:func:`lce_scores`, ElasticRanker, training/ranker.py): |∂L/∂gate| of LCE (eq. 9 with
+  eq. 11) over the cross-encoder teacher's groups of one pseudo-positive and its localized
+  negatives; :func:`gate_scores` runs any model around an ElasticBert with the gates.
 
 Scores are ℓ2-normalized per layer so that layers compare; heads and neurons are ranked
 separately (their scores are not comparable).
