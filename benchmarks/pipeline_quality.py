@@ -73,12 +73,12 @@ def measure(cfg: RecipeConfig, data: EvalData, denser_run: Path, depths: list[in
         Q = denser.encode([queries[q] for q in qids], d, cfg.encode.query_max_length, 128)
         _, idx = index.search(Q.numpy(), depth)
         lists[d] = {q: [served[j] for j in row if j >= 0 and served[j] in texts] for q, row in zip(qids, idx)}
+    enc = {d: gflops(denser.dims, denser.sublm(d), round(q_tokens)) for d in denser.levels}  # query encoding
     rows = []
     for d in denser.levels:
-        enc = gflops(denser.dims, denser.sublm(d), round(q_tokens))
         rows.append({"denser_level": d, "ranker_level": None, "depth": 0,
                      "mrr_at_10": quality(data.qrels, {q: ls[:TOP_K] for q, ls in lists[d].items()})["mrr_at_10"],
-                     "gflops_per_query": round(enc, 4)})
+                     "gflops_per_query": round(enc[d], 4)})
     kmax = max(depths)
     pairs = sorted({(q, p) for d in denser.levels for q in qids for p in lists[d][q][:kmax]})
     ids = ranker.tokenizer([queries[q] for q, _ in pairs], [texts[p] for _, p in pairs], truncation="only_second",
@@ -92,13 +92,12 @@ def measure(cfg: RecipeConfig, data: EvalData, denser_run: Path, depths: list[in
         per_pair = gflops(ranker.dims, ranker.sublm(r), pair_tokens)
         print(f"[pipeline-quality] ranker level {r}%: {len(pairs)} pairs in {time.time() - t0:.0f} s", flush=True)
         for d in denser.levels:
-            enc = gflops(denser.dims, denser.sublm(d), round(q_tokens))
             for k in depths:
                 ranked = {q: [ls[i] for i in _merge(ls, [score[(q, p)] for p in ls[:k]])]
                           for q, ls in lists[d].items()}
                 rows.append({"denser_level": d, "ranker_level": r, "depth": k,
                              "mrr_at_10": quality(data.qrels, ranked)["mrr_at_10"],
-                             "gflops_per_query": round(enc + k * per_pair, 4)})
+                             "gflops_per_query": round(enc[d] + k * per_pair, 4)})
     return rows
 
 
