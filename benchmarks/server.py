@@ -53,9 +53,9 @@ class TorchServe:
                                   stdin=subprocess.DEVNULL).returncode
 
     def start(self, cpus: str | None = None) -> None:
-        models = " ".join(f"{k}={v}" for k, v in self.models.items())
+        models = [f"{k}={v}" for k, v in self.models.items()]  # one argument each (--models takes nargs="+")
         rc = self._ts("--start", "--ncs", "--ts-config", str(self.ts_config), "--model-store", str(self.model_store),
-                      *(["--models", models] if models else []), "--log-config", str(self.log_config), cpus=cpus)
+                      *(["--models", *models] if models else []), "--log-config", str(self.log_config), cpus=cpus)
         if rc != 0:
             raise RuntimeError(f"torchserve --start exited {rc}; see {self.work_dir / 'logs' / 'launcher.log'}")
 

@@ -1,8 +1,11 @@
 """ElasticLM for sequence classification and regression (GLUE, paper §5.1): the elastic encoder
 plus BERT's pooler and a classifier, shared by every SubLM.
 
-Only the encoder is elastic: the pooler (dense + tanh on [CLS]) and the classifier are read by
-every SubLM at full width, as in DynaBERT and the paper's GLUE models. A model directory is a
+Only the encoder is elastic: the pooler (dense + tanh) and the classifier are read by every SubLM
+at full width, as in DynaBERT and the paper's GLUE models. The pooler reads [CLS] (BERT's
+BertPooler, ``classifier_pooling: "cls"``) or the mean of the unpadded tokens (``"mean"``, how
+sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained); config.json's
+``classifier_pooling`` says which (the name ModernBERT's config uses; absent = "cls"). A model directory is a
 transformers ``BertForSequenceClassification`` checkpoint (tensor names ``bert.*``,
 ``bert.pooler.dense.*``, ``classifier.*``; ``num_labels`` / ``id2label`` in config.json), plus
 submap.json when it is elastic; so a user's own fine-tuned BERT classifier loads as a teacher.
@@ -31,6 +34,9 @@ def config_num_labels(config: dict) -> int | None:
     return None
 
 
+POOLINGS = ("cls", "mean")
+
+
 class _Pooler(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
@@ -45,10 +51,19 @@ class ElasticClassifier(nn.Module):
         num_labels: classifier outputs (1 = regression).
         dropout: dropout on the pooled output during training (BERT's hidden_dropout_prob);
             the encoder itself has none.
+        pooling: what the pooler reads, "cls" ([CLS], BertPooler) or "mean" (the masked mean of
+            the last hidden states).
+
+    Raises:
+        ValueError: ``pooling`` is not one of POOLINGS.
     """
 
-    def __init__(self, dims: BertDims, layout: SubLM | None, num_labels: int, dropout: float = 0.1):
+    def __init__(self, dims: BertDims, layout: SubLM | None, num_labels: int, dropout: float = 0.1,
+                 pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"classifier_pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.bert = ElasticBert(dims, layout)
         self.pooler = _Pooler(dims.hidden_size)
         self.dropout = nn.Dropout(dropout)
@@ -64,11 +79,21 @@ class ElasticClassifier(nn.Module):
         for expressive scores). Raises ValueError when ``sublm`` is not within the layout."""
         h = self.bert(input_ids, attention_mask, token_type_ids, sublm=sublm, head_gates=head_gates,
                       neuron_gates=neuron_gates)  # (B, T, d)
-        return self.head(h)
+        return self.head(h, attention_mask)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) last hidden states -> (B, num_labels): BertPooler on [CLS], dropout, classifier."""
-        pooled = torch.tanh(self.pooler.dense(hidden[:, 0]))  # (B, d)
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) last hidden states -> (B, num_labels): the pooler (dense + tanh) on [CLS] or
+        on the mean of the tokens that ``attention_mask`` (B, T) keeps, dropout, classifier.
+
+        Raises ValueError when mean pooling gets no mask."""
+        if self.pooling == "cls":
+            x = hidden[:, 0]  # (B, d)
+        else:
+            if attention_mask is None:
+                raise ValueError("mean pooling needs the attention mask")
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            x = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        pooled = torch.tanh(self.pooler.dense(x))  # (B, d)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -89,14 +114,18 @@ class GlueModel:
             labels is refused. A checkpoint without a classifier (a pretrained LM) gets a new
             one, initialised from ``seed``.
         dropout: see ElasticClassifier.
+        pooling: the pooling of a new classifier ("cls" or "mean"); a checkpoint with a classifier
+            keeps the one its config.json names (``classifier_pooling``, absent = "cls").
 
     Raises:
         FileNotFoundError: config.json or model.safetensors is missing.
         ValueError: the checkpoint's number of labels differs from the task's (message names the
-            directory, both numbers and the task), or the weights do not fit submap.json.
+            directory, both numbers and the task), the weights do not fit submap.json, or the
+            pooling is not "cls" or "mean" (naming the directory).
     """
 
-    def __init__(self, model_dir: str | Path, task: GlueTask, dropout: float = 0.1, seed: int = 0):
+    def __init__(self, model_dir: str | Path, task: GlueTask, dropout: float = 0.1, seed: int = 0,
+                 pooling: str = "cls"):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
@@ -116,8 +145,12 @@ class GlueModel:
             raise ValueError(f"{d}: the checkpoint has {n} labels, task {task.name} needs {task.num_labels}")
         self.submap = (Submap.load(d / "submap.json", self.dims) if (d / "submap.json").exists()
                        else Submap({100: self.dims.full()}, "cls", False))
+        pooling = config.get("classifier_pooling", "cls") if has_head else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"{d}: classifier_pooling must be one of {POOLINGS}, got {pooling!r}")
         torch.manual_seed(seed)
-        self.model = ElasticClassifier(self.dims, self.submap.levels[self.submap.largest], task.num_labels, dropout)
+        self.model = ElasticClassifier(self.dims, self.submap.levels[self.submap.largest], task.num_labels, dropout,
+                                       pooling)
         try:
             load_state(d / "model.safetensors", self.model.bert, raw)
         except ValueError as e:
@@ -168,7 +201,9 @@ class GlueModel:
 
     def save(self, out: str | Path, model: ElasticClassifier | None = None, submap: Submap | None = None) -> None:
         """Write a BertForSequenceClassification-style directory: config.json (with num_labels,
-        id2label, problem_type), model.safetensors, submap.json, tokenizer files."""
+        id2label, problem_type, classifier_pooling), model.safetensors, submap.json, tokenizer
+        files. transformers' BertForSequenceClassification always pools [CLS]: it reads a
+        "mean" model's weights but not its pooling."""
         from safetensors.torch import save_file
 
         out = Path(out)
@@ -182,7 +217,7 @@ class GlueModel:
                        "id2label": {str(i): n for i, n in enumerate(t.class_names)},
                        "label2id": {n: i for i, n in enumerate(t.class_names)},
                        "problem_type": "regression" if t.regression else "single_label_classification",
-                       "finetuning_task": t.name})
+                       "finetuning_task": t.name, "classifier_pooling": model.pooling})
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.tokenizer.save_pretrained(str(out))
 
@@ -197,7 +232,7 @@ class GlueModel:
         level and a model pruned by expressive scores (training/ranker.py) are saved."""
         if bert.layout != submap.levels[submap.largest]:
             raise ValueError(f"save_encoder: the encoder's layout {bert.layout} is not the submap's largest SubLM")
-        m = ElasticClassifier(self.dims, bert.layout, self.task.num_labels)
+        m = ElasticClassifier(self.dims, bert.layout, self.task.num_labels, pooling=self.model.pooling)
         m.bert = bert
         m.pooler.load_state_dict(self.model.pooler.state_dict())
         m.classifier.load_state_dict(self.model.classifier.state_dict())

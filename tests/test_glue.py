@@ -79,6 +79,9 @@ def test_config_checks_glue_fields(tmp_path):
     bad = write(tmp_path / "c.yaml", "glue:\n  epochs: 0\n")
     with pytest.raises(ValueError, match="config glue.epochs: must be > 0"):
         load_config(bad)
+    bad = write(tmp_path / "d.yaml", "glue:\n  pooling: max\n")
+    with pytest.raises(ValueError, match="config glue.pooling: expected 'cls' or 'mean', got 'max'"):
+        load_config(bad)
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -164,6 +167,37 @@ def glue_elastic(hf_classifier, tmp_path_factory) -> Path:
     return out / "elastic"
 
 
+def test_mean_pooling_reads_the_unpadded_tokens_and_survives_save_and_cut(glue_elastic, tmp_path):
+    """A mean-pooling classifier averages exactly the tokens its mask keeps (padding changes
+    nothing), differs from [CLS] pooling, and keeps its pooling through save, load and cut."""
+    cls = GlueModel(glue_elastic, TASKS["RTE"])
+    mean = GlueModel(glue_elastic, TASKS["RTE"])
+    mean.model.pooling = "mean"
+    tok = mean.tokenizer(*PAIRS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = mean.model.bert(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], sublm=mean.sublm(30))
+        m = tok["attention_mask"].unsqueeze(-1).float()
+        by_hand = mean.model.classifier(torch.tanh(mean.model.pooler.dense((h * m).sum(1) / m.sum(1))))
+    batched = mean.predict_logits(*PAIRS, level=30)  # both rows in one padded batch
+    alone = torch.cat([mean.predict_logits([a], [b], level=30) for a, b in zip(*PAIRS)])  # no padding
+    assert torch.allclose(batched, by_hand, atol=1e-5) and torch.allclose(batched, alone, atol=1e-5)
+    assert not torch.allclose(batched, cls.predict_logits(*PAIRS, level=30), atol=1e-3)
+    mean.save(tmp_path / "mean")
+    assert json.loads((tmp_path / "mean" / "config.json").read_text())["classifier_pooling"] == "mean"
+    again = GlueModel(tmp_path / "mean", TASKS["RTE"], pooling="cls")  # a stored head keeps its own pooling
+    assert again.model.pooling == "mean"
+    again.cut(10, tmp_path / "cut10")
+    cut = GlueModel(tmp_path / "cut10", TASKS["RTE"])
+    assert cut.model.pooling == "mean"
+    assert torch.allclose(cut.predict_logits(*PAIRS, level=10), mean.predict_logits(*PAIRS, level=10), atol=1e-5)
+    with pytest.raises(ValueError, match="mean pooling needs the attention mask"):
+        mean.model.head(h)
+    config = json.loads((tmp_path / "mean" / "config.json").read_text())
+    (tmp_path / "mean" / "config.json").write_text(json.dumps({**config, "classifier_pooling": "max"}))
+    with pytest.raises(ValueError, match=r"mean: classifier_pooling must be one of \('cls', 'mean'\), got 'max'"):
+        GlueModel(tmp_path / "mean", TASKS["RTE"])
+
+
 def test_saved_then_sliced_equals_cut(glue_elastic, tmp_path):
     """An elastic GLUE model at level p computes what its physically pruned copy computes."""
     elastic = GlueModel(glue_elastic, TASKS["RTE"])
@@ -225,11 +259,14 @@ def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
     from training.glue import run
 
     cfg = load_config(tiny_recipe(tmp_path, tiny_dir))
+    cfg.glue.pooling = "mean"
     run(cfg)
     r = tmp_path / "run"
     for d in ("pruned", "distilled", "static/50/distilled", "static/20/distilled", "glue/RTE/teacher",
               "glue/RTE/elastic", "glue/RTE/static/50", "glue/STS-B/static/20"):
         assert (r / d / "model.safetensors").exists(), d
+    for d in ("teacher", "elastic", "static/20"):  # students pool as their teacher does
+        assert json.loads((r / "glue" / "STS-B" / d / "config.json").read_text())["classifier_pooling"] == "mean"
     assert not (r / "glue" / "RTE" / "checkpoints" / "elastic" / "checkpoint.pt").exists()  # dropped when done
     assert GlueModel(r / "glue" / "RTE" / "elastic", TASKS["RTE"]).levels == [50, 20]
     capsys.readouterr()

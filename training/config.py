@@ -189,6 +189,9 @@ class GlueConfig:
     warmup: float = _f(0.1, "fraction of steps of linear warmup (Table 3)")
     max_grad_norm: float = _f(5.0, "gradient clipping norm (Table 3)")
     dropout: float = _f(0.1, "dropout on the pooled output while training")
+    pooling: str = _f("cls", "what a teacher fine-tuned here pools for its classifier: cls (BERT's pooler on [CLS]) "
+                      "or mean (the masked mean of the tokens, as sentence-transformers checkpoints were trained); "
+                      "students take their teacher's, a given teacher keeps its own (config.json classifier_pooling)")
     kd_weight: float = _f(0.5, "alpha: loss = (1 - alpha) * task loss + alpha * KD to the fine-tuned teacher (0 = no KD)")
     kd_temperature: float = _f(2.0, "temperature of the KL between teacher and SubLM class distributions (the KL is "
                                "multiplied by its square); STS-B's KD is the MSE to the teacher's score")
@@ -401,6 +404,8 @@ def _validate_glue(g: GlueConfig) -> None:
         raise ValueError("config glue.warmup: a fraction of steps in [0, 1)")
     if not 0 <= g.dropout < 1:
         raise ValueError("config glue.dropout: a probability in [0, 1)")
+    if g.pooling not in ("cls", "mean"):
+        raise ValueError(f"config glue.pooling: expected 'cls' or 'mean', got {g.pooling!r}")
     if g.max_train_examples < 0 or g.length_window < 0:
         raise ValueError("config glue.max_train_examples / length_window: must be >= 0 (0 = all / uniform)")
 

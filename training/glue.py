@@ -151,7 +151,7 @@ def teacher_for(cfg: RecipeConfig, task: GlueTask, train: GlueSet) -> Path:
         return Path(cfg.glue.teachers[task.name])
     root = cfg.run / "glue" / task.name
     src = teacher_path(cfg)
-    model = GlueModel(src, task, cfg.glue.dropout, cfg.glue.seed)
+    model = GlueModel(src, task, cfg.glue.dropout, cfg.glue.seed, cfg.glue.pooling)
     finetune(cfg, model, train, None, [100], cfg.glue.teacher_epochs, cfg.glue.teacher_lr, root / "teacher",
              root / "checkpoints" / "teacher", _stage_key(cfg, task, "teacher", src, None), f"{task.name} teacher")
     return root / "teacher"
@@ -172,9 +172,9 @@ def teacher_logits(cfg: RecipeConfig, task: GlueTask, teacher_dir: Path, train: 
 
 
 def with_head(cfg: RecipeConfig, init: Path, task: GlueTask, teacher: GlueModel) -> GlueModel:
-    """The model directory ``init`` (a distilled ElasticLM, no classifier) with the pooler and
-    classifier of the task's teacher."""
-    model = GlueModel(init, task, cfg.glue.dropout, cfg.glue.seed)
+    """The model directory ``init`` (a distilled ElasticLM, no classifier) with the pooling, pooler
+    and classifier of the task's teacher."""
+    model = GlueModel(init, task, cfg.glue.dropout, cfg.glue.seed, teacher.model.pooling)
     model.model.pooler.load_state_dict(teacher.model.pooler.state_dict())
     model.model.classifier.load_state_dict(teacher.model.classifier.state_dict())
     return model
