@@ -85,7 +85,13 @@ class ElasticEncoder:
     def sublm(self, level: int) -> SubLM:
         return self.submap.sublm(level)
 
-    def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str] | list[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
+        """(B, T) padded ids, mask and segment ids of single texts, or of (A, B) pairs encoded as
+        ``[CLS] A [SEP] B [SEP]`` (segment ids 0 / 1, the longer side cut first)."""
+        if texts and isinstance(texts[0], tuple):
+            a, b = zip(*texts)
+            return self.tokenizer(list(a), list(b), padding=True, truncation=True, max_length=max_length,
+                                  return_tensors="pt")
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
     def embed(self, batch: dict[str, torch.Tensor], level: int, **gates: list[torch.Tensor]) -> torch.Tensor:

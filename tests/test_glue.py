@@ -79,6 +79,9 @@ def test_config_checks_glue_fields(tmp_path):
     bad = write(tmp_path / "c.yaml", "glue:\n  epochs: 0\n")
     with pytest.raises(ValueError, match="config glue.epochs: must be > 0"):
         load_config(bad)
+    bad = write(tmp_path / "e.yaml", "distill:\n  pair_fraction: 1.5\n")
+    with pytest.raises(ValueError, match=r"config distill.pair_fraction: a probability in \[0, 1\], got 1.5"):
+        load_config(bad)
     bad = write(tmp_path / "d.yaml", "glue:\n  pooling: max\n")
     with pytest.raises(ValueError, match="config glue.pooling: expected 'cls' or 'mean', got 'max'"):
         load_config(bad)
@@ -232,7 +235,7 @@ def tiny_recipe(tmp_path: Path, teacher: Path, extra: str = "") -> Path:
 run_dir: {tmp_path / 'run'}
 train: {{checkpoint_every: 2, log_every: 1}}
 prune: {{teacher: {teacher}, levels: [50, 20], score_objective: relation, score_queries: 8, batch_size: 4}}
-distill: {{enabled: true, steps: 2, batch_size: 4, max_length: 32, relation_heads: 4}}
+distill: {{enabled: true, steps: 2, batch_size: 4, max_length: 32, relation_heads: 4, pair_fraction: 1.0}}
 glue: {{tasks: [RTE, STS-B], data_dir: {glue_data(tmp_path / 'glue')}, teacher_epochs: 0.2, epochs: 0.2,
         batch_size: 8, eval_batch_size: 8}}
 {extra}""")
@@ -353,3 +356,29 @@ def test_relation_scores_rank_every_layer_and_zero_a_unit_without_effect(tiny_di
     assert (hs[:, [0, 2, 3]] > 0).all() and (ns[1] > 0).all()
     with pytest.raises(ValueError, match="at least one batch"):
         relation_scores(enc, [], 32, 4)
+    # the same texts as (A, B) pairs: segment ids 1 on B, other relations, so other scores
+    pairs = [[("the cat sat", "on the mat"), ("a bank is", "a financial institution")], [("rivers flow", "to the sea")]]
+    tok = enc.tokenize(pairs[0], 32)
+    assert tok["token_type_ids"][0].tolist().count(1) == len(enc.tokenizer("on the mat", add_special_tokens=False)
+                                                             ["input_ids"]) + 1  # B and its [SEP]
+    hp, npair = relation_scores(enc, pairs, 32, 4)
+    assert hp[1, 1] == 0 and npair[0, 7] == 0
+    assert not torch.allclose(hp, hs, atol=1e-3)
+
+
+def test_unlabeled_batches_mix_text_pairs_as_bert_pretraining_input():
+    import random
+
+    from training.distill import unlabeled_batch
+
+    texts = [f"w{i}a w{i}b w{i}c w{i}d" for i in range(300)] + ["single"]
+    assert unlabeled_batch(random.Random(3), texts, 8, 0.0) == random.Random(3).sample(texts, 8)
+    batch = unlabeled_batch(random.Random(3), texts, 200, 1.0)
+    assert all(isinstance(x, tuple) and len(x) == 2 for x in batch)
+    first_halves = {" ".join(t.split()[:max(1, len(t.split()) // 2)]) for t in texts}
+    assert all(a in first_halves for a, _ in batch)
+    same = sum(a.split()[0][:-1] == b.split()[0][:-1] for a, b in batch)  # B from A's own text
+    assert 60 < same < 140  # half of the pairs, the rest from another text
+    assert unlabeled_batch(random.Random(0), ["single"], 1, 1.0) == [("single", "single")]
+    kinds = [isinstance(unlabeled_batch(random.Random(s), texts, 2, 0.3)[0], tuple) for s in range(400)]
+    assert 80 < sum(kinds) < 160  # a 0.3 share of the batches are pairs

@@ -78,6 +78,9 @@ class DistillConfig:
     warmup: float = _f(0.01, "fraction of steps of linear warmup (Table 3)")
     max_grad_norm: float = _f(5.0, "gradient clipping norm (Table 3)")
     relation_heads: int = _f(16, "R: relation heads of the last MHA block (16 at hidden 384 keeps the paper's d_r = 24)")
+    pair_fraction: float = _f(0.0, "share of batches given as text pairs [CLS] A [SEP] B [SEP] (BERT's pretraining "
+                              "input: halves of one text, or of two), in task-agnostic scores and distillation; "
+                              "GLUE's pair tasks need the heads that read across segments")
     seed: int = _f(0, "random seed of batch sampling")
 
 
@@ -364,6 +367,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"config data.train_queries: expected a non-empty list of file paths, got {cfg.data.train_queries!r}")
     if cfg.finetune.kd_weight < 0:
         raise ValueError("config finetune.kd_weight: must be >= 0 (0 = off)")
+    if not 0 <= cfg.distill.pair_fraction <= 1:
+        raise ValueError(f"config distill.pair_fraction: a probability in [0, 1], got {cfg.distill.pair_fraction}")
     if not 0 <= cfg.distill.warmup < 1 or not 0 <= cfg.finetune.warmup < 1:
         raise ValueError("config distill.warmup / finetune.warmup: a fraction of steps in [0, 1)")
     if not all(p in lv for p in cfg.static.levels):

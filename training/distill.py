@@ -4,7 +4,8 @@
 
 Reads run_dir/pruned (the nested SubLMs cut from the teacher), distils every SubLM at every step
 from the teacher's last-layer Q-Q, K-K and V-V relations (MiniLMv2, training/relations.py) over
-unlabeled text: WikiText paragraphs, the passage collection and the training queries. Writes
+unlabeled text: WikiText paragraphs, the passage collection and the training queries, a share of
+the batches as text pairs (``distill.pair_fraction``, ``unlabeled_batch``). Writes
 run_dir/distilled (same files as pruned; the additional MHA block is training-only and stays in
 the checkpoint run_dir/checkpoints/distill/).
 """
@@ -12,6 +13,7 @@ the checkpoint run_dir/checkpoints/distill/).
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,6 +53,36 @@ def unlabeled_text(cfg: RecipeConfig) -> list[str]:
     if not texts:
         raise ValueError("config distill.text: no unlabeled text (empty list and collection/queries off)")
     return texts
+
+
+def unlabeled_batch(rng: random.Random, texts: list[str], batch_size: int,
+                    pair_fraction: float) -> list[str] | list[tuple[str, str]]:
+    """One batch of unlabeled examples: ``batch_size`` texts, or, with probability
+    ``pair_fraction``, ``batch_size`` (A, B) pairs built as BERT's pretraining input (Devlin et al.
+    2019, next-sentence prediction): a text cut in two halves at its middle word, B being that
+    text's second half for half the pairs and the second half of another random text for the rest.
+
+    Why pairs: half of GLUE's tasks (MRPC, STS-B, RTE, QNLI) read ``[CLS] A [SEP] B [SEP]``, and a
+    head that compares the two segments does nothing on single texts, so scores and relations on
+    single texts alone rank it low and prune it (benchmarks/results/glue_probes/pair_scores).
+    A text of one word is its own A and B.
+    """
+    picked = rng.sample(texts, batch_size)
+    if rng.random() >= pair_fraction:
+        return picked
+
+    def halves(t: str) -> tuple[str, str]:
+        w = t.split()
+        m = max(1, len(w) // 2)
+        return " ".join(w[:m]), " ".join(w[m:]) or " ".join(w[:m])
+
+    out = []
+    for t in picked:
+        a, b = halves(t)
+        if rng.random() < 0.5:
+            b = halves(rng.choice(texts))[1]
+        out.append((a, b))
+    return out
 
 
 def check_pair(student: ElasticEncoder, teacher: ElasticEncoder, relation_heads: int | None = None,
@@ -124,12 +156,15 @@ def distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: str = 
     teacher.model.to(device).requires_grad_(False)
 
     def sample(rng):
-        b = student.tokenize(rng.sample(texts, dc.batch_size), dc.max_length)
+        b = student.tokenize(unlabeled_batch(rng, texts, dc.batch_size, dc.pair_fraction), dc.max_length)
         return {k: v.to(device) for k, v in b.items()}
 
     lc = LoopConfig(dc.steps, dc.lr, dc.weight_decay, dc.warmup, dc.max_grad_norm, dc.seed, cfg.train.checkpoint_every,
                     cfg.train.log_every)
-    key = {"stage": "distill", "distill": asdict(dc), "src": fingerprint(src), "teacher": str(teacher_path(cfg)),
+    settings = asdict(dc)
+    if settings["pair_fraction"] == 0:  # added later; at its default, checkpoints from before it still resume
+        del settings["pair_fraction"]
+    key = {"stage": "distill", "distill": settings, "src": fingerprint(src), "teacher": str(teacher_path(cfg)),
            "data": [cfg.data.collection, cfg.data.train_queries]}
     records = train_elastic(trainable, student.levels, sample, RelationObjective(student, teacher, head, dc.relation_heads),
                             lc, workdir, key, device, desc)

@@ -204,7 +204,7 @@ def distill_scores(
 
 def relation_scores(
     enc: ElasticEncoder,
-    batches: Iterable[list[str]],
+    batches: Iterable[list[str] | list[tuple[str, str]]],
     max_length: int,
     relation_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +220,8 @@ def relation_scores(
     every layer's units get a gradient.
 
     Args:
-        enc: the unpruned teacher; batches: lists of unlabeled texts; max_length: tokens kept;
-        relation_heads: R (must divide the hidden size).
+        enc: the unpruned teacher; batches: lists of unlabeled texts or of (A, B) text pairs;
+        max_length: tokens kept; relation_heads: R (must divide the hidden size).
 
     Returns:
         head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).

@@ -54,17 +54,22 @@ def export_pruned(teacher: ElasticEncoder, head_scores: torch.Tensor, neuron_sco
 def prune_task_agnostic(cfg: RecipeConfig, out: Path) -> Submap:
     """Prune the teacher by task-agnostic expressive scores (``relation_scores``) over
     ``prune.score_queries`` texts sampled (seeded) from the unlabeled distillation text,
-    ``distill.max_length`` tokens each; write the model directory ``out``. ElasticLM's GLUE
+    ``distill.max_length`` tokens each, a ``distill.pair_fraction`` share of the batches as text
+    pairs (training/distill.unlabeled_batch); write the model directory ``out``. ElasticLM's GLUE
     structure (training/glue.py) comes from here."""
-    from training.distill import unlabeled_text
+    from training.distill import unlabeled_batch, unlabeled_text
 
     teacher = ElasticEncoder(teacher_path(cfg))
     texts = unlabeled_text(cfg)
     rng = random.Random(cfg.prune.seed)
-    pick = rng.sample(texts, min(cfg.prune.score_queries, len(texts)))
     bs = cfg.prune.batch_size
-    hs, ns = relation_scores(teacher, [pick[s:s + bs] for s in range(0, len(pick), bs)], cfg.distill.max_length,
-                             cfg.distill.relation_heads)
+    if cfg.distill.pair_fraction > 0:  # batches as distillation draws them, pairs included
+        n = max(1, min(cfg.prune.score_queries, len(texts)) // bs)
+        batches = [unlabeled_batch(rng, texts, min(bs, len(texts)), cfg.distill.pair_fraction) for _ in range(n)]
+    else:
+        pick = rng.sample(texts, min(cfg.prune.score_queries, len(texts)))
+        batches = [pick[s:s + bs] for s in range(0, len(pick), bs)]
+    hs, ns = relation_scores(teacher, batches, cfg.distill.max_length, cfg.distill.relation_heads)
     return export_pruned(teacher, hs, ns, cfg.prune.levels, out)
 
 
