@@ -201,6 +201,21 @@ def test_mean_pooling_reads_the_unpadded_tokens_and_survives_save_and_cut(glue_e
         GlueModel(tmp_path / "mean", TASKS["RTE"])
 
 
+def test_linear_probe_features_are_the_masked_mean_of_the_sublm_with_one_more_head(glue_elastic):
+    from benchmarks.linear_probe import features, with_head
+
+    model = GlueModel(glue_elastic, TASKS["RTE"])
+    sub = model.sublm(10)
+    more = with_head(sub, 0)
+    assert more.heads[0] == sub.heads[0] + 1 and more.heads[1:] == sub.heads[1:] and more.neurons == sub.neurons
+    x = features(model, *PAIRS, more, batch_size=1)  # one example per batch: no padding
+    tok = model.tokenizer(*PAIRS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model.model.bert(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], sublm=more)
+    m = tok["attention_mask"].unsqueeze(-1).float()
+    assert x.shape == (2, model.dims.hidden_size) and torch.allclose(x, (h * m).sum(1) / m.sum(1), atol=1e-5)
+
+
 def test_saved_then_sliced_equals_cut(glue_elastic, tmp_path):
     """An elastic GLUE model at level p computes what its physically pruned copy computes."""
     elastic = GlueModel(glue_elastic, TASKS["RTE"])

@@ -79,8 +79,8 @@ class DistillConfig:
     max_grad_norm: float = _f(5.0, "gradient clipping norm (Table 3)")
     relation_heads: int = _f(16, "R: relation heads of the last MHA block (16 at hidden 384 keeps the paper's d_r = 24)")
     pair_fraction: float = _f(0.0, "share of batches given as text pairs [CLS] A [SEP] B [SEP] (BERT's pretraining "
-                              "input: halves of one text, or of two), in task-agnostic scores and distillation; "
-                              "GLUE's pair tasks need the heads that read across segments")
+                              "input: halves of one text, or of two), in task-agnostic scores and distillation "
+                              "(0.5 gave STS-B no gain: benchmarks/results/glue_probes/stsb_pair_scores)")
     seed: int = _f(0, "random seed of batch sampling")
 
 

@@ -140,6 +140,8 @@ def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teache
     g = asdict(cfg.glue)
     for k in ("tasks", "teachers", "eval_batch_size", "data_dir"):
         g.pop(k)
+    if g["pooling"] == "cls":  # added later; at its default, stages finished before it are still done
+        del g["pooling"]
     return {"stage": stage, "task": task.name, "glue": g, "init": fingerprint(init),
             "teacher": fingerprint(teacher) if teacher is not None else None}
 
