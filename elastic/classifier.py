@@ -5,10 +5,12 @@ Only the encoder is elastic: the pooler (dense + tanh) and the classifier are re
 at full width, as in DynaBERT and the paper's GLUE models. The pooler reads [CLS] (BERT's
 BertPooler, ``classifier_pooling: "cls"``) or the mean of the unpadded tokens (``"mean"``, how
 sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained); config.json's
-``classifier_pooling`` says which (the name ModernBERT's config uses; absent = "cls"). A model directory is a
-transformers ``BertForSequenceClassification`` checkpoint (tensor names ``bert.*``,
-``bert.pooler.dense.*``, ``classifier.*``; ``num_labels`` / ``id2label`` in config.json), plus
-submap.json when it is elastic; so a user's own fine-tuned BERT classifier loads as a teacher.
+``classifier_pooling`` says which (the name ModernBERT's config uses; absent = "cls").
+
+A model directory is a transformers ``BertForSequenceClassification`` checkpoint (tensor names
+``bert.*``, ``bert.pooler.dense.*``, ``classifier.*``; ``num_labels`` / ``id2label`` in
+config.json), plus submap.json when it is elastic; so a user's own fine-tuned BERT classifier loads
+as a teacher.
 """
 
 from __future__ import annotations

@@ -71,3 +71,32 @@ def make_tiny_elastic(out: Path, base: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_elastic(tmp_path_factory, tiny_dir) -> Path:
     return make_tiny_elastic(tmp_path_factory.mktemp("tiny_elastic"), tiny_dir)
+
+
+def write_table(path, rows):
+    """A pipeline quality table (benchmarks/pipeline_quality.py's pipeline.json) of
+    (denser_level, ranker_level, depth, mrr_at_10) rows."""
+    import json
+
+    path.write_text(json.dumps({"configs": [dict(zip(("denser_level", "ranker_level", "depth", "mrr_at_10"), r))
+                                            for r in rows]}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory, tiny_elastic):
+    """denser/ = the tiny ElasticDenser, ranker/ = a tiny cross-encoder pruned to levels 50 / 25,
+    and a hand-made quality table of five configurations."""
+    from archive.build_mar import stage_pipeline
+    from elastic.ranker import CrossEncoder
+    from training.ranker import export_pruned
+
+    root = tmp_path_factory.mktemp("pipeline")
+    xenc = CrossEncoder(make_tiny_checkpoint(root / "xenc", seed=3, num_labels=1), max_length=32)
+    g = torch.Generator().manual_seed(0)
+    L, A, I = xenc.dims.num_hidden_layers, xenc.dims.num_attention_heads, xenc.dims.intermediate_size
+    export_pruned(xenc, torch.rand(L, A, generator=g), torch.rand(L, I, generator=g), [50, 25], root / "ranker")
+    (root / "collection.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in tiny_collection().items()))
+    table = write_table(root / "quality.json", [(30, None, 0, 0.10), (10, None, 0, 0.20), (50, None, 0, 0.30),
+                                                (10, 25, 3, 0.35), (50, 50, 5, 0.40)])
+    return stage_pipeline(tiny_elastic, tiny_elastic, root / "ranker", root / "collection.tsv", table, root / "model")

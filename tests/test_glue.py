@@ -69,22 +69,16 @@ def test_unknown_task_name():
         get_task("QNLI")
 
 
-def test_config_checks_glue_fields(tmp_path):
-    bad = write(tmp_path / "a.yaml", "glue:\n  tasks: [SST-2, MNLI]\n")
-    with pytest.raises(ValueError, match="config glue.tasks: 'MNLI' is not one of"):
-        load_config(bad)
-    bad = write(tmp_path / "b.yaml", "glue:\n  kd_weight: 1.5\n")
-    with pytest.raises(ValueError, match=r"config glue.kd_weight: alpha must be in \[0, 1\]"):
-        load_config(bad)
-    bad = write(tmp_path / "c.yaml", "glue:\n  epochs: 0\n")
-    with pytest.raises(ValueError, match="config glue.epochs: must be > 0"):
-        load_config(bad)
-    bad = write(tmp_path / "e.yaml", "distill:\n  pair_fraction: 1.5\n")
-    with pytest.raises(ValueError, match=r"config distill.pair_fraction: a probability in \[0, 1\], got 1.5"):
-        load_config(bad)
-    bad = write(tmp_path / "d.yaml", "glue:\n  pooling: max\n")
-    with pytest.raises(ValueError, match="config glue.pooling: expected 'cls' or 'mean', got 'max'"):
-        load_config(bad)
+@pytest.mark.parametrize("yaml_text, message", [
+    ("glue:\n  tasks: [SST-2, MNLI]\n", "config glue.tasks: 'MNLI' is not one of"),
+    ("glue:\n  kd_weight: 1.5\n", r"config glue.kd_weight: alpha must be in \[0, 1\]"),
+    ("glue:\n  epochs: 0\n", "config glue.epochs: must be > 0"),
+    ("glue:\n  pooling: max\n", "config glue.pooling: expected 'cls' or 'mean', got 'max'"),
+    ("distill:\n  pair_fraction: 1.5\n", r"config distill.pair_fraction: a probability in \[0, 1\], got 1.5"),
+])
+def test_config_checks_glue_fields(tmp_path, yaml_text, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path / "bad.yaml", yaml_text))
 
 
 # --- metrics ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """ElasticRanker and the two-stage pipeline through real TorchServe: elasticranker.mar and
-elasticpipeline.mar, packed by archive/build_mar.py from the tiny models of test_two_stage.py,
+elasticpipeline.mar, packed by archive/build_mar.py from the tiny models of conftest's pipeline_dir,
 served side by side on free loopback ports with batching; answers equal the models' offline
 scores, and a bad request gets its own 400 while the worker keeps serving."""
 
@@ -13,7 +13,6 @@ import pytest
 from archive.build_mar import add_serving_code, archive, build_mar, model_config, ROOT
 from benchmarks.server import TorchServe, local_config
 from tests.conftest import tiny_collection
-from tests.test_two_stage import pipeline_dir  # noqa: F401 (the module fixture: tiny denser + ranker)
 from training.config import ServeConfig
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,7 @@ def _post(url, body: dict | bytes):
 
 
 @pytest.fixture(scope="module")
-def served(pipeline_dir, tmp_path_factory):  # noqa: F811
+def served(pipeline_dir, tmp_path_factory):
     """One TorchServe serving ``rerank`` (elasticranker.mar) and ``search`` (elasticpipeline.mar),
     both pinned to their largest configuration so that answers are comparable offline."""
     work = tmp_path_factory.mktemp("ts2")
@@ -59,7 +58,7 @@ def served(pipeline_dir, tmp_path_factory):  # noqa: F811
         ts.stop()
 
 
-def test_elasticranker_mar_scores_like_the_model(served, pipeline_dir):  # noqa: F811
+def test_elasticranker_mar_scores_like_the_model(served, pipeline_dir):
     from elastic.ranker import CrossEncoder
 
     ts, url = served
@@ -79,7 +78,7 @@ def test_elasticranker_mar_scores_like_the_model(served, pipeline_dir):  # noqa:
     assert _post(f"{url}/rerank", body)[0] == 200  # the worker survived
 
 
-def test_elasticpipeline_mar_reranks_the_dense_head(served, pipeline_dir):  # noqa: F811
+def test_elasticpipeline_mar_reranks_the_dense_head(served, pipeline_dir):
     from elastic.ranker import CrossEncoder
 
     ts, url = served

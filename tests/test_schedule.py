@@ -1,8 +1,6 @@
 """Elastic schedule: the paper's rule (g+1)·t_k <= T, the deadline rule with request ages and the
 correction, shedding, age estimates, X-Request-Start parsing, validation."""
 
-import math
-
 import pytest
 
 from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, expected_latency_ms, parse_request_start,

@@ -2,20 +2,12 @@
 tables, the quality-time frontier, merging reranked candidates, and the server on a tiny
 ElasticDenser and a tiny ElasticRanker that the tests build themselves."""
 
-import json
 import shutil
 
 import pytest
-import torch
 
 from elastic.pipeline import PipelineConfig, frontier, load_quality_table, merge_reranked
-from tests.conftest import make_tiny_checkpoint, tiny_collection
-
-
-def write_table(path, rows):
-    path.write_text(json.dumps({"configs": [dict(zip(("denser_level", "ranker_level", "depth", "mrr_at_10"), r))
-                                            for r in rows]}))
-    return path
+from tests.conftest import tiny_collection, write_table
 
 
 def test_quality_table_is_checked_against_the_models(tmp_path):
@@ -55,25 +47,6 @@ def test_merge_reranked_reorders_the_head_and_keeps_the_tail():
     assert merge_reranked([7, 8], [], 5) == [7, 8]
     with pytest.raises(ValueError, match="3 scores for 2 candidates"):
         merge_reranked([1, 2], [0.0, 0.0, 0.0], 2)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory, tiny_elastic):
-    """denser/ = the tiny ElasticDenser, ranker/ = a tiny cross-encoder pruned to levels 50 / 25,
-    and a hand-made quality table of five configurations."""
-    from archive.build_mar import stage_pipeline
-    from elastic.ranker import CrossEncoder
-    from training.ranker import export_pruned
-
-    root = tmp_path_factory.mktemp("pipeline")
-    xenc = CrossEncoder(make_tiny_checkpoint(root / "xenc", seed=3, num_labels=1), max_length=32)
-    g = torch.Generator().manual_seed(0)
-    L, A, I = xenc.dims.num_hidden_layers, xenc.dims.num_attention_heads, xenc.dims.intermediate_size
-    export_pruned(xenc, torch.rand(L, A, generator=g), torch.rand(L, I, generator=g), [50, 25], root / "ranker")
-    (root / "collection.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in tiny_collection().items()))
-    table = write_table(root / "quality.json", [(30, None, 0, 0.10), (10, None, 0, 0.20), (50, None, 0, 0.30),
-                                                (10, 25, 3, 0.35), (50, 50, 5, 0.40)])
-    return stage_pipeline(tiny_elastic, tiny_elastic, root / "ranker", root / "collection.tsv", table, root / "model")
 
 
 def settings(**kw):
