@@ -190,7 +190,10 @@ def summarize(recs: list[dict], T_ms: float, duration_s: float, rate: float, kil
     details = {"statuses": statuses, "shed_without_retry_after": sum(r["status"] == 503 and not r["retry_after"]
                                                                       for r in rows),
                "wrong_examples": [{k: r[k] for k in ("qid", "level", "pids")} for r in wrong[:5]],
-               "rss_samples_mib": samples, "levels": {}}
+               "rss_samples_mib": samples, "levels": {},
+               # when each unanswered request was sent, from the kill (ms; negative = before it)
+               "lost_from_kill_ms": [round((r["sent_epoch"] - killed_at) * 1000, 1) if killed_at is not None else None
+                                     for r in rows if r["status"] == 0]}
     for r in ok:
         details["levels"][str(r["level"])] = details["levels"].get(str(r["level"]), 0) + 1
     return row, details
@@ -250,7 +253,8 @@ def write_report(row: dict, details: dict, metrics_text: str, out: Path, how: st
               "back-off, Python start-up and imports, model load; the calibration is the stored one);"
               if row["worker_kills"] else "- no worker was killed (a baseline run);"),
              f"- statuses in the measured window: {details['statuses']}; 503 without Retry-After: "
-             f"{details['shed_without_retry_after']};",
+             f"{details['shed_without_retry_after']}; lost requests sent at (ms from the kill): "
+             f"{details['lost_from_kill_ms']};",
              f"- 200 answers per level: {details['levels']};",
              f"- worker RSS (MiB, summed over the model's workers) every {RSS_EVERY_S:g} s: "
              f"{details['rss_samples_mib']};",
