@@ -407,6 +407,7 @@ class ElasticServer:
 
     TASK = "none"  # what describe() reports: "retrieval" or "glue:<task>"
     REQUEST_HINT = "a JSON body"  # what a request should be, for 405 / 415 messages
+    LEVELS_FROM = "submap.json"  # where the levels come from, for the pin_level error
     HISTORY = 32  # recent batches kept for age and arrival-rate estimates
     RATE_MIN_SPAN_S = 0.25
     RATE_WINDOW_S = 1.0  # seconds of batches that count for λ
@@ -430,7 +431,7 @@ class ElasticServer:
         the model is loaded)."""
         s = self.settings
         if s.pin_level is not None and s.pin_level not in self.levels:
-            raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of submap.json {self.levels}")
+            raise ValueError(f"handler.pin_level: {s.pin_level} is not a level of {self.LEVELS_FROM} {self.levels}")
         self._model_dir = Path(model_dir)
         self.remeasured = 0  # background re-measurements of a stored calibration that replaced it
         key = stored = None
@@ -1104,6 +1105,7 @@ class ElasticPipelineServer(ElasticRetriever):
     """
 
     TASK = "pipeline"
+    LEVELS_FROM = "the quality-time frontier of pipeline.json (configurations numbered by quality)"
 
     def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                  max_batch_delay_ms: float = 0.0):

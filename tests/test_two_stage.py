@@ -95,7 +95,8 @@ def test_pipeline_server_keeps_the_quality_time_frontier_numbered_by_quality(pip
     assert q == sorted(q, reverse=True)
     t1 = [server.calibration.t(k, 1) for k in kept]
     assert t1 == sorted(t1, reverse=True)
-    with pytest.raises(ValueError, match="handler.pin_level: 9 is not a level"):
+    with pytest.raises(ValueError, match="handler.pin_level: 9 is not a level of the quality-time frontier of "
+                                         "pipeline.json"):
         server_for(pipeline_dir, settings(pin_level=9), max_batch=2)
 
 
