@@ -207,14 +207,29 @@ def stage_pipeline(denser_dir: Path, index_dir: Path, ranker_dir: Path, collecti
     return out
 
 
+def ranker_model_config(serve: ServeConfig, max_passages: int, pair_max_length: int) -> dict:
+    """``model_config`` for ElasticRanker: no retrieval settings; up to ``max_passages`` passages
+    per request, each pair cut to ``pair_max_length`` tokens."""
+    yaml_cfg = model_config(serve, 0)
+    h = yaml_cfg["handler"]
+    del h["query_max_length"], h["top_k"]  # retrieval only
+    h["max_passages"], h["pair_max_length"] = max_passages, pair_max_length
+    return yaml_cfg
+
+
+def archive_pipeline(stage: Path, yaml_cfg: dict, export_path: Path, archive_format: str = "default") -> Path:
+    """Add the serving code to a directory laid out by ``stage_pipeline`` and archive it with the
+    elastic handler as elasticpipeline(.mar)."""
+    add_serving_code(stage)
+    return archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, "elasticpipeline", export_path,
+                   archive_format)
+
+
 def run_ranker(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:
     """Pack run_dir/ranker/elastic (training/ranker.py) as elasticranker.mar with the same handler
     and the recipe's serve settings; a request may carry up to ``ranker.eval_depth`` passages (the
     depth its quality is measured at), each pair cut to ``ranker.max_length`` tokens."""
-    yaml_cfg = model_config(cfg.serve, cfg.encode.query_max_length)
-    h = yaml_cfg["handler"]
-    del h["query_max_length"], h["top_k"]  # retrieval only
-    h["max_passages"], h["pair_max_length"] = cfg.ranker.eval_depth, cfg.ranker.max_length
+    yaml_cfg = ranker_model_config(cfg.serve, cfg.ranker.eval_depth, cfg.ranker.max_length)
     out = build_mar(cfg.run / "ranker" / "elastic", None, export_path, yaml_cfg, name="elasticranker",
                     archive_format=archive_format)
     print(f"[archive] wrote {out}", flush=True)
@@ -230,9 +245,7 @@ def run_pipeline(cfg: RecipeConfig, denser_run: Path, export_path: Path = Path("
     with tempfile.TemporaryDirectory() as tmp:
         stage = stage_pipeline(denser_run / "elastic", denser_run / "index", cfg.run / "ranker" / "elastic",
                                Path(cfg.data.collection), cfg.run / "pipeline" / "pipeline.json", Path(tmp) / "files")
-        add_serving_code(stage)
-        out = archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, "elasticpipeline", export_path,
-                      archive_format)
+        out = archive_pipeline(stage, yaml_cfg, export_path, archive_format)
     print(f"[archive] wrote {out}", flush=True)
     return out
 

@@ -21,7 +21,7 @@ import torch
 
 from elastic.classifier import GlueModel
 from elastic.glue import get_task, read_glue, score, task_file
-from elastic.structure import SubLM
+from elastic.structure import SubLM, pool
 
 
 def features(model: GlueModel, a: list[str], b: list[str] | None, sublm: SubLM, batch_size: int = 64) -> torch.Tensor:
@@ -32,8 +32,7 @@ def features(model: GlueModel, a: list[str], b: list[str] | None, sublm: SubLM, 
                               truncation=True, max_length=model.task.max_length, return_tensors="pt")
         with torch.inference_mode():
             h = model.model.bert(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), sublm=sublm)
-        m = tok["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-        out.append((h * m).sum(1) / m.sum(1))  # (B, d)
+        out.append(pool(h, tok["attention_mask"], "mean", normalize=False))  # (B, d)
     return torch.cat(out)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from elastic.glue import GlueTask
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, prune
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool, prune
 from elastic.submap import Submap
 
 
@@ -88,13 +88,9 @@ class ElasticClassifier(nn.Module):
         on the mean of the tokens that ``attention_mask`` (B, T) keeps, dropout, classifier.
 
         Raises ValueError when mean pooling gets no mask."""
-        if self.pooling == "cls":
-            x = hidden[:, 0]  # (B, d)
-        else:
-            if attention_mask is None:
-                raise ValueError("mean pooling needs the attention mask")
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            x = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+        if self.pooling == "mean" and attention_mask is None:
+            raise ValueError("mean pooling needs the attention mask")
+        x = pool(hidden, attention_mask, self.pooling, normalize=False)  # (B, d)
         pooled = torch.tanh(self.pooler.dense(x))  # (B, d)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from archive.build_mar import add_serving_code, archive, build_mar, model_config, ROOT
+from archive.build_mar import archive_pipeline, build_mar, model_config, ranker_model_config
 from benchmarks.server import TorchServe, local_config
 from tests.conftest import tiny_collection
 from training.config import ServeConfig
@@ -34,19 +34,15 @@ def served(pipeline_dir, tmp_path_factory):
     both pinned to their largest configuration so that answers are comparable offline."""
     work = tmp_path_factory.mktemp("ts2")
     config, inf, mgmt, _ = local_config(work)
-    yaml_cfg = model_config(ServeConfig(batch_size=4, max_batch_delay_ms=2), 16)
-    h = yaml_cfg["handler"]
-    h.update({"latency_constraint_ms": 10_000, "management_address": f"http://127.0.0.1:{mgmt}",
-              "calibration_repeats": 3, "pair_max_length": 48})
-    ranker_cfg = json.loads(json.dumps(yaml_cfg))
-    r = ranker_cfg["handler"]
-    del r["query_max_length"], r["top_k"]
-    r.update({"max_passages": 3, "pin_level": 50})
+    serve = ServeConfig(batch_size=4, max_batch_delay_ms=2)
+    common = {"latency_constraint_ms": 10_000, "management_address": f"http://127.0.0.1:{mgmt}",
+              "calibration_repeats": 3}
+    ranker_cfg = ranker_model_config(serve, 3, 48)
+    ranker_cfg["handler"].update(common, pin_level=50)
     ranker = build_mar(pipeline_dir / "ranker", None, work / "store", ranker_cfg, name="elasticranker")
-    stage = shutil.copytree(pipeline_dir, work / "stage")
-    add_serving_code(stage)
-    h.update({"top_k": 6, "pin_level": 5})  # configuration 5 = (denser 50 %, ranker 50 %, K = 5)
-    pipe = archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, "elasticpipeline", work / "store")
+    pipe_cfg = model_config(serve, 16)  # configuration 5 = (denser 50 %, ranker 50 %, K = 5)
+    pipe_cfg["handler"].update(common, pair_max_length=48, top_k=6, pin_level=5)
+    pipe = archive_pipeline(shutil.copytree(pipeline_dir, work / "stage"), pipe_cfg, work / "store")
     ts = TorchServe(config, work / "store", {"rerank": ranker.name, "search": pipe.name}, work,
                     f"http://127.0.0.1:{mgmt}")
     ts.start()
