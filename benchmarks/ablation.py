@@ -9,7 +9,9 @@
 - ``task=finetune`` / ``task=query_distill``: the other task stage (``task_stage``), from the
   same pruned model;
 - ``word embeddings=trained`` / ``frozen``: ``query_distill.freeze_word_embeddings`` the other way;
-- ``relations=on`` / ``off``: relation distillation before the task stage switched the other way.
+- ``relations=on`` / ``off``: relation distillation before the task stage switched the other way;
+- ``token loss=on`` / ``off``: ``query_distill.token_weight`` 1 when the recipe has 0, else 0
+  (each query token's last hidden state toward the teacher's, training/token_loss.py).
 
 Each trained variant lives in run_dir/ablation/<name>/ (its own pruned model when its pruning
 differs; the teacher cache is shared by hard links) and resumes like any stage. ``--steps``
@@ -49,6 +51,10 @@ def variants(cfg: RecipeConfig) -> dict[str, RecipeConfig]:
     v = copy.deepcopy(cfg)
     v.distill.enabled = not cfg.distill.enabled
     out[f"relations={'on' if v.distill.enabled else 'off'}"] = v
+    if cfg.task_stage == "query_distill":
+        v = copy.deepcopy(cfg)
+        v.query_distill.token_weight = 1.0 if cfg.query_distill.token_weight == 0 else 0.0
+        out[f"token loss={'on' if v.query_distill.token_weight else 'off'}"] = v
     return out
 
 

@@ -391,3 +391,57 @@ def test_unlabeled_batches_mix_text_pairs_as_bert_pretraining_input():
     assert unlabeled_batch(random.Random(0), ["single"], 1, 1.0) == [("single", "single")]
     kinds = [isinstance(unlabeled_batch(random.Random(s), texts, 2, 0.3)[0], tuple) for s in range(400)]
     assert 80 < sum(kinds) < 160  # a 0.3 share of the batches are pairs
+
+
+def test_classifier_scores_zero_a_unit_without_effect_and_follow_the_task_loss(hf_classifier):
+    """GLUE task-loss expressive scores (|∂L_task/∂gate|): a head or neuron that writes nothing
+    scores 0, every row has norm 1 (eq. 5), and other labels (another loss) give other scores."""
+    from training.importance import classifier_scores
+
+    m = GlueModel(hf_classifier[0], TASKS["RTE"])
+    d_head = m.dims.hidden_size // m.dims.num_attention_heads
+    with torch.no_grad():  # head 3 of layer 0 and neuron 11 of layer 1 write nothing
+        m.model.bert.encoder.layer[0].attention.output.dense.weight[:, 3 * d_head:4 * d_head] = 0
+        m.model.bert.encoder.layer[1].output.dense.weight[:, 11] = 0
+    m.model.eval()
+    enc = m.tokenize(*PAIRS)
+    batch = m.collate(enc, [0, 1])
+    hs, ns = classifier_scores(m.model, [{**batch, "labels": torch.tensor([0, 1])}])
+    assert hs.shape == (2, 4) and ns.shape == (2, 37)
+    assert torch.allclose(hs.norm(dim=1), torch.ones(2)) and torch.allclose(ns.norm(dim=1), torch.ones(2))
+    assert hs[0, 3] == 0 and ns[1, 11] == 0 and (hs[0, :3] > 0).all() and (ns[1, :11] > 0).all()
+    other, _ = classifier_scores(m.model, [{**batch, "labels": torch.tensor([1, 0])}])
+    assert not torch.allclose(hs, other, atol=1e-3)
+    with pytest.raises(ValueError, match="at least one batch"):
+        classifier_scores(m.model, [])
+
+
+def test_glue_task_structure_comes_from_the_task_teachers_and_a_change_reprunes(tmp_path, tiny_dir, capsys):
+    """prune.score_objective glue_task: the teachers are fine-tuned first and their summed task
+    scores order the units; prune.json records it; switching the objective prunes again and
+    retrains what follows, switching back to the same key keeps the stage."""
+    from training.glue import run
+    from training.prune import run as prune_run
+
+    cfg = load_config(tiny_recipe(tmp_path, tiny_dir))
+    cfg.prune.score_objective = "glue_task"
+    cfg.static.enabled = False
+    run(cfg)
+    r = tmp_path / "run"
+    made = json.loads((r / "pruned" / "prune.json").read_text())
+    assert made["score_objective"] == "glue_task" and set(made["task_teachers"]) == {"RTE", "STS-B"}
+    scores = torch.load(r / "pruned" / "scores.pt")
+    assert torch.allclose(scores["head_scores"].norm(dim=1), torch.ones(2))
+    fp = (r / "distilled" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    run(cfg)
+    assert "pruned by" not in capsys.readouterr().out  # same key: not pruned again
+    cfg.prune.score_objective = "relation"
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "pruned by relation expressive scores" in out
+    assert json.loads((r / "pruned" / "prune.json").read_text())["score_objective"] == "relation"
+    assert (r / "distilled" / "model.safetensors").read_bytes() != fp  # distilled again from the new structure
+    cfg.prune.score_objective = "glue_task"
+    with pytest.raises(ValueError, match="'glue_task' ranks units by the GLUE teachers' task losses"):
+        prune_run(cfg)

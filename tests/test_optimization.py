@@ -9,7 +9,7 @@ import torch
 
 from elastic.encoder import ElasticEncoder
 from tests.test_training import P, Q
-from training.config import RecipeConfig
+from training.config import RecipeConfig, validate
 from training.distill import RelationObjective, _Student, check_pair, distill
 from training.finetune import RetrievalObjective, retrieval_loss
 from training.loop import LoopConfig, train_elastic
@@ -279,3 +279,13 @@ def test_query_distillation_lowers_every_sublm_loss(tiny_dir, tiny_elastic, tmp_
     meta = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert meta["passage_side"] == "teacher" and meta["queries"] == 64
     assert ElasticEncoder(tmp_path / "out").levels == [50, 30, 10]
+    # with the token-level term: its own stage key (not "done before"), and every SubLM still learns
+    qd.token_weight = 1.0
+    query_distill(cfg, tiny_elastic, tmp_path / "out_tok", tmp_path / "ck_tok")
+    log = [json.loads(x) for x in (tmp_path / "ck_tok" / "train_log.jsonl").read_text().splitlines()]
+    first_tok, last_tok = log[0]["loss_per_level"], log[-1]["loss_per_level"]
+    assert all(last_tok[k] < first_tok[k] for k in first_tok), (first_tok, last_tok)
+    assert all(first_tok[k] > first[k] for k in first)  # the same first batch, one more term
+    qd.token_weight = -1.0
+    with pytest.raises(ValueError, match="config query_distill.token_weight: must be >= 0"):
+        validate(cfg)

@@ -7,6 +7,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 
 from tests.conftest import tiny_collection
 
@@ -95,9 +96,11 @@ def test_ablation_trains_and_scores_each_variant(tiny_run):
 
     rows = run(tiny_run)
     names = ["recipe, index=teacher", "recipe, index=largest", "scores=contrastive", "task=finetune",
-             "word embeddings=trained", "relations=on"]
+             "word embeddings=trained", "relations=on", "token loss=on"]
     assert [(r["variant"], r["level"]) for r in rows] == [(n, lv) for n in names for lv in (50, 30, 10)]
     ab = tiny_run.run / "ablation"
+    tok = torch.load(ab / "token loss-on" / "checkpoints" / "query_distill" / "checkpoint.pt", weights_only=False)
+    assert tok["key"]["query_distill"]["token_weight"] == 1.0
     assert json.loads((ab / "task-finetune" / "elastic" / "finetune.json").read_text())["passage_side"] == "largest"
     assert (ab / "relations-on" / "distilled" / "model.safetensors").exists()
     # a different score objective prunes differently; the other variants share the recipe's pruned model

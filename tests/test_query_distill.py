@@ -37,6 +37,24 @@ def test_loss_is_zero_at_the_teacher_and_grows_away_from_it():
     assert torch.isclose(query_distill_loss(s, t, tl, Pc, 0.05, 0.0, 1.0, 2.0), 4 * kl2)
 
 
+def test_token_loss_averages_real_tokens_only_and_checks_shapes():
+    from training.token_loss import token_cosine_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert token_cosine_loss(t * 3.0, t, mask).abs() < 1e-6  # a scaled copy is at distance 0
+    s = t.clone()
+    s[0, 3:] = -t[0, 3:]  # padding positions turned around: not counted
+    assert token_cosine_loss(s, t, mask).abs() < 1e-6
+    s[1, 0] = -t[1, 0]  # one of the 8 real tokens turned around: 1 - cos = 2 on it
+    assert torch.isclose(token_cosine_loss(s, t, mask), torch.tensor(2 / 8), atol=1e-6)
+    with pytest.raises(ValueError, match=r"student \(2, 5, 6\), teacher \(2, 5, 7\)"):
+        token_cosine_loss(s[..., :6], t, mask)
+    with pytest.raises(ValueError, match="holds no token"):
+        token_cosine_loss(s, t, torch.zeros(2, 5))
+
+
 def test_distill_scores_are_zero_for_a_unit_without_effect(tiny_dir):
     enc = ElasticEncoder(tiny_dir)
     d_head = enc.dims.hidden_size // enc.dims.num_attention_heads

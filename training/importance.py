@@ -21,6 +21,11 @@ each GELU output. Two scores for ElasticDenser, chosen by ``prune.score_objectiv
   the score function has zero mean under p), so the squared gate gradients estimate the
   weighted sum of both diagonals.
 
+- ``glue_task`` (:func:`classifier_scores`, ElasticLM on GLUE, training/glue.py): |∂L_task/∂gate|
+  of each GLUE task's fine-tuned teacher (cross-entropy, MSE for STS-B) over that task's training
+  examples; the per-task scores, each ℓ2-normalized per layer, are summed over the tasks, so one
+  structure serves them all.
+
 - ``lce`` (:func:`lce_scores`, ElasticRanker, training/ranker.py): |∂L/∂gate| of LCE (eq. 9 with
   eq. 11) over the cross-encoder teacher's groups of one pseudo-positive and its localized
   negatives; :func:`gate_scores` runs any model around an ElasticBert with the gates.
@@ -136,6 +141,33 @@ def lce_scores(model, batches: Iterable[dict[str, torch.Tensor]], group_size: in
         return lce_loss(logits[:, 0].view(-1, group_size))
 
     return gate_scores(model.model.bert, batches, objective, torch.abs)
+
+
+def classifier_scores(model, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5 with a GLUE task's loss: E|∂L_task/∂ξ| and E|∂L_task/∂ν| of an unpruned fine-tuned
+    classifier (``elastic.classifier.ElasticClassifier``, in eval mode) over labeled batches.
+
+    A fine-tuned teacher does not fit its training examples exactly, so the first order of its
+    task loss ranks the units (as the paper's eq. 3-5 do with MLM).
+
+    Args:
+        batches: dicts of (B, T) ``input_ids`` / ``attention_mask`` / ``token_type_ids`` and (B,)
+            ``labels`` (class ids, or float scores for a regression task).
+
+    Returns:
+        head_scores (L, A) and neuron_scores (L, I), each row ℓ2-normalized (eq. 5).
+
+    Raises:
+        ValueError: the model is already pruned, or ``batches`` is empty.
+    """
+    from training.glue_loss import task_loss
+
+    def objective(batch, xi, nu):
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), head_gates=xi,
+                       neuron_gates=nu)  # (B, num_labels)
+        return task_loss(logits, batch["labels"])
+
+    return gate_scores(model.bert, batches, objective, torch.abs)
 
 
 def expressive_scores(

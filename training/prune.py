@@ -75,6 +75,9 @@ def prune_task_agnostic(cfg: RecipeConfig, out: Path) -> Submap:
 
 def run(cfg: RecipeConfig) -> None:
     t0 = time.time()
+    if cfg.prune.score_objective == "glue_task":
+        raise ValueError("config prune.score_objective: 'glue_task' ranks units by the GLUE teachers' task losses, "
+                         "which training.glue fine-tunes first: run python -m training.glue --config ...")
     if cfg.prune.score_objective == "relation":
         submap = prune_task_agnostic(cfg, cfg.run / "pruned")
         print(f"[prune] relation scores; levels {list(submap.levels)}; wrote {cfg.run / 'pruned'} in "

@@ -19,6 +19,8 @@ teacher's query is. So every SubLM k learns, on label-free queries (every file o
   / τ_kd). τ (``temperature``, 0.05) is the similarity scale the teacher was trained at; τ_kd
   softens both distributions, and the τ_kd² factor keeps the gradient's size as τ_kd changes
   (Hinton et al. 2015; sentence-transformers' DistillKLDivLoss).
+- optionally, token by token: ``token_weight · L_tok``, each query token's last hidden state
+  toward the teacher's (training/token_loss.py); it costs one teacher forward per step.
 
 Every SubLM trains at every step (Algorithm 1, training/loop.py). Nothing is encoded on the
 passage side during training: the teacher's passage and query embeddings are computed once per
@@ -36,10 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from elastic.encoder import ElasticEncoder
+from elastic.structure import pool
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import check_pair, fingerprint
 from training.loop import LoopConfig, resolve_device, train_elastic
 from training.teacher import TeacherSide, teacher_side
+from training.token_loss import token_cosine_loss
 
 
 def query_distill_loss(s: torch.Tensor, t: torch.Tensor, t_logits: torch.Tensor, P: torch.Tensor, temperature: float,
@@ -118,8 +122,10 @@ class QueryDistillObjective:
     """Algorithm 1 for query-side distillation: teacher targets once per step, then every SubLM."""
 
     def __init__(self, student: ElasticEncoder, side: TeacherSide, top: torch.Tensor, cfg: RecipeConfig,
-                 device: torch.device):
-        self.s, self.cfg, self.dev = student, cfg, device
+                 device: torch.device, teacher: ElasticEncoder | None = None):
+        self.s, self.cfg, self.dev, self.teacher = student, cfg, device, teacher
+        if cfg.query_distill.token_weight > 0 and teacher is None:
+            raise ValueError("config query_distill.token_weight > 0 needs the teacher model (its hidden states)")
         self.texts, self.top = side.train_queries, top
         self.T, self.P = side.queries.to(device), side.passages.to(device)
 
@@ -131,13 +137,23 @@ class QueryDistillObjective:
         t = self.T[idx.to(self.dev)]  # (B, d)
         cand = self.top[idx].flatten().unique().to(self.dev)  # (C,) rows of the index
         P = self.P[cand]  # (C, d)
-        return {"qb": qb, "t": t, "P": P, "t_logits": t @ P.T / qd.temperature}
+        prep = {"qb": qb, "t": t, "P": P, "t_logits": t @ P.T / qd.temperature}
+        if qd.token_weight > 0:
+            with torch.no_grad():
+                prep["t_hidden"] = self.teacher.model(qb["input_ids"], qb["attention_mask"],
+                                                      qb.get("token_type_ids"))  # (B, T, d)
+        return prep
 
     def loss(self, batch, prep: dict, level: int) -> torch.Tensor:
-        qd = self.cfg.query_distill
-        s = self.s.embed(prep["qb"], level)  # (B, d) SubLM k's query side
-        return query_distill_loss(s, prep["t"], prep["t_logits"], prep["P"], qd.temperature, qd.cos_weight,
+        qd, qb = self.cfg.query_distill, prep["qb"]
+        h = self.s.model(qb["input_ids"], qb["attention_mask"], qb.get("token_type_ids"),
+                         sublm=self.s.sublm(level))  # (B, T, d) SubLM k's last hidden states
+        s = pool(h, qb["attention_mask"], self.s.submap.pooling, self.s.submap.normalize)  # (B, d) its query side
+        loss = query_distill_loss(s, prep["t"], prep["t_logits"], prep["P"], qd.temperature, qd.cos_weight,
                                   qd.kd_weight, qd.kd_temperature)
+        if qd.token_weight > 0:
+            loss = loss + qd.token_weight * token_cosine_loss(h, prep["t_hidden"], qb["attention_mask"])
+        return loss
 
     def finish(self, prep: dict) -> None:
         pass
@@ -160,8 +176,11 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
     check_pair(student, teacher, same_hidden=True)
     side = teacher_side(cfg, teacher)
     top = teacher_candidates(side, qd.candidates, cfg.run / "teacher" / f"top{qd.candidates}.pt")
-    del teacher
     device = resolve_device(cfg.train.device)
+    if qd.token_weight > 0:
+        teacher.model.to(device).requires_grad_(False)
+    else:
+        teacher = None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student.model.to(device)
@@ -173,11 +192,14 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
 
     lc = LoopConfig(qd.steps, qd.lr, qd.weight_decay, qd.warmup, qd.max_grad_norm, qd.seed,
                     cfg.train.checkpoint_every, cfg.train.log_every)
-    key = {"stage": "query_distill", "query_distill": asdict(qd), "src": fingerprint(src),
+    qkey = asdict(qd)
+    if qkey["token_weight"] == 0:  # added later; at its default, stages finished before it are still done
+        del qkey["token_weight"]
+    key = {"stage": "query_distill", "query_distill": qkey, "src": fingerprint(src),
            "teacher": str(teacher_path(cfg)), "data": [cfg.data.collection, *cfg.data.train_queries],
            "encode": asdict(cfg.encode)}
-    records = train_elastic(student.model, student.levels, sample, QueryDistillObjective(student, side, top, cfg, device),
-                            lc, workdir, key, device, desc)
+    objective = QueryDistillObjective(student, side, top, cfg, device, teacher)
+    records = train_elastic(student.model, student.levels, sample, objective, lc, workdir, key, device, desc)
     student.model.to("cpu")
     student.save(out)
     (out / "finetune.json").write_text(json.dumps(
