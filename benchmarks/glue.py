@@ -141,8 +141,9 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
             "## Recipe", "",
             f"- Teacher: the bundled all-MiniLM-L6-v2 BERT (6 layers, hidden 384), fine-tuned per task for "
             f"{gc.teacher_epochs:g} epochs at lr {gc.teacher_lr:g} (task loss only).",
-            f"- Structure: pruned by task-agnostic expressive scores (prune.score_objective = "
-            f"{cfg.prune.score_objective}) into levels {cfg.prune.levels}; relation distillation "
+            f"- Structure: pruned by {STRUCTURES.get(cfg.prune.score_objective, 'expressive scores')} "
+            f"(prune.score_objective = {cfg.prune.score_objective}) into levels {cfg.prune.levels}; "
+            f"relation distillation "
             f"{'on' if cfg.distill.enabled else 'off'} ({cfg.distill.steps} steps of {cfg.distill.batch_size} "
             f"unlabeled texts, {cfg.distill.max_length} tokens), every SubLM at every step; each static level "
             "distilled alone with the same steps.",
@@ -155,6 +156,13 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
             "Max length: 64 tokens for SST-2, 128 for the others (Table 3).",
             "- No search grid and no early stopping: the dev sets are only scored."]
     return "\n".join(out) + "\n"
+
+
+STRUCTURES = {  # how each prune.score_objective ranks units, as glue.md's recipe says it
+    "relation": "task-agnostic expressive scores (the relation-distillation loss on unlabeled text)",
+    "glue_task": "the task teachers' expressive scores (each task's loss on its training examples, summed over "
+                 "the tasks)",
+}
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
