@@ -85,13 +85,38 @@ def add_serving_code(stage: Path) -> None:
     (stage / "metrics.yaml").write_text(yaml.safe_dump(metrics_yaml(), sort_keys=False))
 
 
+def keep_levels(submap_path: Path, levels: list[int]) -> None:
+    """Rewrite a staged submap.json (config.json beside it) to hold only ``levels``: the schedule
+    of the archive then chooses among them (``serve.levels``). The weights are untouched: every
+    level is a prefix of the largest, which must stay.
+
+    Raises:
+        ValueError: a level the model does not have, or the largest one left out (both name
+            serve.levels).
+    """
+    from elastic.structure import BertDims
+    from elastic.submap import Submap
+
+    dims = BertDims.from_config_file(submap_path.with_name("config.json"))
+    sm = Submap.load(submap_path, dims)
+    missing = sorted(set(levels) - set(sm.levels))
+    if missing:
+        raise ValueError(f"config serve.levels: {missing} are not levels of the model's submap.json {list(sm.levels)}")
+    if sm.largest not in levels:
+        raise ValueError(f"config serve.levels: must keep the largest level, {sm.largest} (model.safetensors holds "
+                         "its layout)")
+    Submap({p: sm.levels[p] for p in levels}, sm.pooling, sm.normalize).save(submap_path, dims)
+
+
 def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_cfg: dict, name: str = "elasticdenser",
-              archive_format: str = "default") -> Path:
+              archive_format: str = "default", levels: list[int] | None = None) -> Path:
     """Stage the model, index (ElasticDenser; None for a GLUE model) and elastic/ package, then
     ``archive`` them with the elastic handler, which serves whichever task the directory holds.
+    ``levels``: pack only these preserving levels (``keep_levels``; None or empty = all).
 
     Raises:
         FileNotFoundError: a model or index file is missing (named).
+        ValueError: ``levels`` that the model cannot keep (``keep_levels``).
         subprocess.CalledProcessError: torch-model-archiver failed.
     """
     needed = [model_dir / f for f in MODEL_FILES]
@@ -108,6 +133,8 @@ def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_c
                 shutil.copy(model_dir / f, stage / f)
         for f in ("index.faiss", "pids.txt") if index_dir is not None else ():
             shutil.copy(index_dir / f, stage / f)
+        if levels:
+            keep_levels(stage / "submap.json", levels)
         add_serving_code(stage)
         return archive(ROOT / "handler" / "elastic_handler.py", stage, yaml_cfg, name, export_path, archive_format)
 
@@ -163,7 +190,7 @@ def run_glue(cfg: RecipeConfig, task: str, export_path: Path = Path("model_store
     yaml_cfg = model_config(cfg.serve, cfg.encode.query_max_length)
     del yaml_cfg["handler"]["query_max_length"], yaml_cfg["handler"]["top_k"]  # retrieval only
     out = build_mar(cfg.run / "glue" / t.name / "elastic", None, export_path, yaml_cfg,
-                    name=f"elasticlm-{t.name.lower()}", archive_format=archive_format)
+                    name=f"elasticlm-{t.name.lower()}", archive_format=archive_format, levels=cfg.serve.levels)
     print(f"[archive] wrote {out}", flush=True)
     return out
 
@@ -252,7 +279,7 @@ def run_pipeline(cfg: RecipeConfig, denser_run: Path, export_path: Path = Path("
 
 def run(cfg: RecipeConfig, export_path: Path = Path("model_store"), archive_format: str = "default") -> Path:
     out = build_mar(cfg.run / "elastic", cfg.run / "index", export_path, model_config(cfg.serve, cfg.encode.query_max_length),
-                    archive_format=archive_format)
+                    archive_format=archive_format, levels=cfg.serve.levels)
     print(f"[archive] wrote {out}", flush=True)
     return out
 

@@ -9,7 +9,7 @@ import torch
 
 from elastic.classifier import GlueModel
 from elastic.glue import TASKS, get_task, predictions, read_glue, score
-from training.config import load_config
+from training.config import RecipeConfig, load_config, validate
 from training.glue_loss import glue_loss, logit_kd, task_loss
 
 from conftest import make_tiny_checkpoint
@@ -445,3 +445,29 @@ def test_glue_task_structure_comes_from_the_task_teachers_and_a_change_reprunes(
     cfg.prune.score_objective = "glue_task"
     with pytest.raises(ValueError, match="'glue_task' ranks units by the GLUE teachers' task losses"):
         prune_run(cfg)
+
+
+def test_archive_packs_only_serve_levels_and_refuses_what_it_cannot_keep(glue_elastic, tmp_path):
+    """serve.levels: the archive's submap.json holds only the chosen levels, the weights are the
+    model's own, and the server built from the archive schedules among those levels only."""
+    from archive.build_mar import build_mar
+    from elastic.service import HandlerSettings, server_for
+
+    cfg = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 2, "maxBatchDelay": 2, "responseTimeout": 120,
+           "handler": {"latency_constraint_ms": 1000.0}}
+    out = build_mar(glue_elastic, None, tmp_path / "store", cfg, name="rte", archive_format="no-archive",
+                    levels=[50, 30])
+    assert json.loads((out / "submap.json").read_text())["levels"].keys() == {"50", "30"}
+    assert (out / "model.safetensors").read_bytes() == (glue_elastic / "model.safetensors").read_bytes()
+    server = server_for(out, HandlerSettings(latency_constraint_ms=1000.0, calibration_repeats=2), max_batch=2)
+    assert server.levels == [50, 30]
+    with pytest.raises(ValueError, match=r"config serve.levels: \[20\] are not levels of the model's submap.json"):
+        build_mar(glue_elastic, None, tmp_path / "store", cfg, name="rte2", archive_format="no-archive",
+                  levels=[50, 20])
+    with pytest.raises(ValueError, match="config serve.levels: must keep the largest level, 50"):
+        build_mar(glue_elastic, None, tmp_path / "store", cfg, name="rte3", archive_format="no-archive", levels=[30])
+    bad = RecipeConfig()
+    bad.serve.levels = [40, 5]
+    with pytest.raises(ValueError, match=r"config serve.levels: \[40, 5\] must be levels of prune.levels .* keep the "
+                                         r"largest, 50"):
+        validate(bad)

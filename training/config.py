@@ -157,6 +157,8 @@ class ServeConfig:
     workers: int = _f(1, "TorchServe workers of the model (minWorkers = maxWorkers); with 2, a crashed worker's "
                       "requests go to the other while it restarts (benchmarks/results/soak.md)")
     top_k: int = _f(10, "passages returned per query")
+    levels: list = _f([], "preserving levels the ElasticDenser and GLUE archives pack, so the schedule chooses among "
+                      "them (empty = every level of the model); the largest must stay (the weights hold its layout)")
     torch_threads: int = _f(1, "intra-op threads of the worker")
     worker_nice: int = _f(0, "added to the worker's nice value at load, in [-20, 19]; negative lets a batch in progress "
                           "run ahead of the frontend on a shared core, and needs CAP_SYS_NICE (benchmarks/results/slo_nice/slo.md)")
@@ -347,6 +349,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         sec, key = name.split(".")
         if not getattr(getattr(cfg, sec), key) > 0:
             raise ValueError(f"config {name}: must be > 0")
+    sl = cfg.serve.levels
+    if sl and (not set(sl) <= set(lv) or max(lv) not in sl):
+        raise ValueError(f"config serve.levels: {sl!r} must be levels of prune.levels {lv!r} and keep the largest, "
+                         f"{max(lv)}")
     if cfg.finetune.passage_side not in ("teacher", "largest"):
         raise ValueError(f"config finetune.passage_side: expected 'teacher' or 'largest', got {cfg.finetune.passage_side!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
