@@ -1,7 +1,9 @@
 """Expressive scores of heads and FFN neurons (paper eq. 3-5, Molchanov et al. 2019).
 
 Gates ξ (one per head) and ν (one per neuron) are held at 1 and multiply each head's output and
-each GELU output. Two scores for ElasticDenser, chosen by ``prune.score_objective``, and one for ElasticRanker:
+each GELU output. Two scores for ElasticDenser, chosen by ``prune.score_objective``, two for
+ElasticLM on GLUE (``relation``, :func:`relation_scores`, task-agnostic; ``glue_task`` below), and
+one for ElasticRanker:
 
 - ``contrastive`` (the paper's eq. 3-6): |∂L/∂gate| of the in-batch contrastive loss on (query,
   pseudo-positive) pairs, accumulated over batches: the first-order Taylor estimate of the loss
