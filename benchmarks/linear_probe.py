@@ -27,9 +27,9 @@ from elastic.structure import SubLM, pool
 def features(model: GlueModel, a: list[str], b: list[str] | None, sublm: SubLM, batch_size: int = 64) -> torch.Tensor:
     """(N, d) mean-pooled last hidden states of ``sublm`` for the examples (a, b)."""
     out = []
+    enc = model.tokenize(a, b)  # truncated to the task's max length
     for s in range(0, len(a), batch_size):
-        tok = model.tokenizer(a[s:s + batch_size], b[s:s + batch_size] if b is not None else None, padding=True,
-                              truncation=True, max_length=model.task.max_length, return_tensors="pt")
+        tok = model.collate(enc, list(range(s, min(s + batch_size, len(a)))))
         with torch.inference_mode():
             h = model.model.bert(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), sublm=sublm)
         out.append(pool(h, tok["attention_mask"], "mean", normalize=False))  # (B, d)

@@ -94,13 +94,21 @@ class ElasticEncoder:
                                   return_tensors="pt")
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
+    def hidden(self, batch: dict[str, torch.Tensor], level: int, **gates: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T, d) last hidden states of a tokenized batch by the SubLM at ``level`` (grad
+        follows torch's grad mode). ``gates``: head_gates / neuron_gates of ElasticBert.forward,
+        for expressive scores only."""
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                          sublm=self.sublm(level), **gates)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) last hidden states -> (B, d) embeddings, pooled as submap.json says."""
+        return pool(hidden, attention_mask, self.submap.pooling, self.submap.normalize)
+
     def embed(self, batch: dict[str, torch.Tensor], level: int, **gates: list[torch.Tensor]) -> torch.Tensor:
-        """(B, d) embeddings of a tokenized batch by the SubLM at ``level`` (grad follows
-        torch's grad mode, so training code calls this too). ``gates``: head_gates /
-        neuron_gates of ElasticBert.forward, for expressive scores only."""
-        h = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), sublm=self.sublm(level),
-                       **gates)
-        return pool(h, batch["attention_mask"], self.submap.pooling, self.submap.normalize)
+        """(B, d) embeddings of a tokenized batch by the SubLM at ``level``: ``pool(hidden(...))``
+        (grad follows torch's grad mode, so training code calls this too)."""
+        return self.pool(self.hidden(batch, level, **gates), batch["attention_mask"])
 
     @torch.inference_mode()
     def encode(self, texts: list[str], level: int, max_length: int = 128, batch_size: int = 64,

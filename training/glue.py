@@ -215,10 +215,11 @@ def prune_glue_tasks(cfg: RecipeConfig, teachers: dict[str, Path], data: dict[st
                              f"model {base.dims.full()}; prune.score_objective glue_task needs the same")
         train = data[name][0]
         idx = random.Random(cfg.prune.seed).sample(range(len(train)), min(cfg.prune.score_queries, len(train)))
-        enc = teacher.tokenize(train.text_a, train.text_b)
+        sample = train.subset(idx)  # only these are tokenized
+        enc = teacher.tokenize(sample.text_a, sample.text_b)
         bs = cfg.prune.batch_size
-        batches = ({**teacher.collate(enc, idx[s:s + bs]), "labels": train.labels[idx[s:s + bs]]}
-                   for s in range(0, len(idx), bs))
+        batches = ({**teacher.collate(enc, list(range(s, min(s + bs, len(sample))))),
+                    "labels": sample.labels[s:s + bs]} for s in range(0, len(sample), bs))
         teacher.model.eval()
         h, n = classifier_scores(teacher.model, batches)  # (L, A), (L, I), rows of norm 1
         hs, ns = (h, n) if hs is None else (hs + h, ns + n)

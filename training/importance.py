@@ -108,8 +108,7 @@ def _gate_scores(
 
         def hidden(texts: list[str], max_len: int) -> tuple[dict, torch.Tensor]:  # tokenized batch, (B, T, d)
             tok = enc.tokenize(texts, max_len)
-            return tok, enc.model(tok["input_ids"], tok["attention_mask"], tok.get("token_type_ids"), head_gates=xi,
-                                  neuron_gates=nu)
+            return tok, enc.hidden(tok, enc.levels[0], head_gates=xi, neuron_gates=nu)
 
         emb.hidden = hidden  # objectives that read hidden states rather than embeddings (relation_scores)
         return objective(batch, emb)

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from elastic.encoder import ElasticEncoder
-from elastic.structure import pool
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import check_pair, fingerprint
 from training.loop import LoopConfig, resolve_device, train_elastic
@@ -140,15 +139,13 @@ class QueryDistillObjective:
         prep = {"qb": qb, "t": t, "P": P, "t_logits": t @ P.T / qd.temperature}
         if qd.token_weight > 0:
             with torch.no_grad():
-                prep["t_hidden"] = self.teacher.model(qb["input_ids"], qb["attention_mask"],
-                                                      qb.get("token_type_ids"))  # (B, T, d)
+                prep["t_hidden"] = self.teacher.hidden(qb, self.teacher.levels[0])  # (B, T, d)
         return prep
 
     def loss(self, batch, prep: dict, level: int) -> torch.Tensor:
         qd, qb = self.cfg.query_distill, prep["qb"]
-        h = self.s.model(qb["input_ids"], qb["attention_mask"], qb.get("token_type_ids"),
-                         sublm=self.s.sublm(level))  # (B, T, d) SubLM k's last hidden states
-        s = pool(h, qb["attention_mask"], self.s.submap.pooling, self.s.submap.normalize)  # (B, d) its query side
+        h = self.s.hidden(qb, level)  # (B, T, d) SubLM k's last hidden states
+        s = self.s.pool(h, qb["attention_mask"])  # (B, d) its query side
         loss = query_distill_loss(s, prep["t"], prep["t_logits"], prep["P"], qd.temperature, qd.cos_weight,
                                   qd.kd_weight, qd.kd_temperature)
         if qd.token_weight > 0:
