@@ -284,6 +284,13 @@ def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     run(cfg)  # everything done: nothing trains again
     assert capsys.readouterr().out.count("done before") == 2 * (1 + 1 + 2)
+    teacher_bytes = (r / "glue" / "RTE" / "teacher" / "model.safetensors").read_bytes()
+    cfg.glue.epochs, cfg.glue.kd_weight = 0.4, 0.3  # the students' budget and loss only
+    run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("done before") == 2  # the two teachers; every student trains again
+    assert "RTE elastic] step" in out and "STS-B static 20%] step" in out and "teacher] step" not in out
+    assert (r / "glue" / "RTE" / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
     rows, extra = evaluate(cfg)
     assert all(set(row) == {"task", "system", "level", "metric", "score", "gflops"} for row in rows)
     assert {(row["task"], row["system"], row["level"]) for row in rows} == {

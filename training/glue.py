@@ -144,9 +144,14 @@ def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits
     (workdir / "checkpoint.pt").unlink(missing_ok=True)  # weights + AdamW moments; the output holds the result
 
 
+# glue fields that only the students (elastic and static) train with: a teacher's key leaves them
+# out, so that a change of the students' budget does not fine-tune the teachers again
+STUDENT_ONLY = ("epochs", "lr", "kd_weight", "kd_temperature")
+
+
 def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teacher: Path | None) -> dict:
     g = asdict(cfg.glue)
-    for k in ("tasks", "teachers", "eval_batch_size", "data_dir"):
+    for k in ("tasks", "teachers", "eval_batch_size", "data_dir") + (STUDENT_ONLY if stage == "teacher" else ()):
         g.pop(k)
     if g["pooling"] == "cls":  # added later; at its default, stages finished before it are still done
         del g["pooling"]
