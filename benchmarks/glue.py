@@ -141,7 +141,7 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
             "## Recipe", "",
             f"- Teacher: the bundled all-MiniLM-L6-v2 BERT (6 layers, hidden 384), fine-tuned per task for "
             f"{gc.teacher_epochs:g} epochs at lr {gc.teacher_lr:g} (task loss only); teachers and students classify "
-            f"from {POOLING_WORDS.get(gc.pooling, gc.pooling)} (glue.pooling = {gc.pooling}).",
+            f"from {POOLING_WORDS[gc.pooling]} (glue.pooling = {gc.pooling}).",
             f"- Structure: pruned by {STRUCTURES.get(cfg.prune.score_objective, 'expressive scores')} "
             f"(prune.score_objective = {cfg.prune.score_objective}) into levels {cfg.prune.levels}; "
             f"relation distillation "
@@ -159,7 +159,7 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
     return "\n".join(out) + "\n"
 
 
-POOLING_WORDS = {  # what the classifier reads, as glue.md's recipe says it
+POOLING_WORDS = {  # what the classifier reads (glue.pooling, validated at load), as glue.md's recipe says it
     "cls": "BERT's pooled [CLS]",
     "mean": "the mean of the tokens",
 }
