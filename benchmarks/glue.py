@@ -88,7 +88,7 @@ def targets(rows: list[dict], tasks: list[str]) -> list[str]:
         e = g.get(("elastic", level))
         if t is not None and e is not None:
             ok = e >= need * t
-            lines.append(f"- Elastic GLUE score at {level} %: {e:.2f} = {e / t:.3f} of the teacher's {t:.2f} "
+            lines.append(f"- Elastic GLUE score at {level} %: {e:.2f} = {e / t:.4f} of the teacher's {t:.2f} "
                          f"(target >= {need}): {'held' if ok else 'NOT held'}")
     for (system, level), e in sorted(g.items(), key=lambda kv: -(kv[0][1] or 101)):
         s = g.get(("static", level))
