@@ -12,7 +12,7 @@ from tests.test_training import P, Q
 from training.config import RecipeConfig, validate
 from training.distill import RelationObjective, _Student, check_pair, distill
 from training.finetune import RetrievalObjective, retrieval_loss
-from training.loop import LoopConfig, train_elastic
+from training.loop import LoopConfig, level_weights, train_elastic
 from training.relations import RelationHead, log_relations, relation_kl, teacher_relations
 from training.static import cut_level
 
@@ -123,6 +123,46 @@ def test_checkpoint_of_another_run_is_refused(tiny_elastic, tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.pt: written by a different run \(differs in \['src'\]\)"):
         train_elastic(_Student(student.model, head), student.levels, lambda r: batch, obj, lc, tmp_path, {"src": "b"},
                       torch.device("cpu"), "t")
+
+
+def test_level_weights_grow_toward_the_small_sublms_and_average_one():
+    assert level_weights([50, 10, 5], 0.0) == {50: 1.0, 10: 1.0, 5: 1.0}
+    w = level_weights([50, 40, 30, 20, 15, 10, 5], 0.5)
+    assert sum(w.values()) / 7 == pytest.approx(1.0)
+    assert w[5] / w[50] == pytest.approx(10 ** 0.5) and w[10] / w[50] == pytest.approx(5 ** 0.5)
+    assert list(w.values()) == sorted(w.values())  # largest level first, smallest weight first
+    assert level_weights([10], 0.5) == {10: 1.0}  # a static baseline is unchanged
+    with pytest.raises(ValueError, match=r"level_weights: power must be >= 0, got -1"):
+        level_weights([50, 10], -1)
+    with pytest.raises(ValueError, match=r"level_weights: levels must be percentages in \(0, 100\], got \[0\]"):
+        level_weights([0], 0.5)
+
+
+def test_level_weights_scale_each_sublm_gradient(tiny_dir, tiny_elastic, tmp_path):
+    """Weights (1.5, 1.5, 0) over levels (50, 30, 10) give the gradient (L_50 + L_30) / 2: the same
+    weights as uniform training of 50 and 30 alone. A checkpoint of the unweighted run is refused."""
+    teacher = ElasticEncoder(tiny_dir)
+
+    def train(levels, weights, workdir):
+        student = ElasticEncoder(tiny_elastic)
+        head = RelationHead(32, teacher.model.encoder.layer[-1].attention.self)
+        batch = student.tokenize(Q + P, 32)
+        lc = LoopConfig(3, 3e-4, 0.0, 0.0, 5.0, 0, 3, 1)
+        recs = train_elastic(_Student(student.model, head), levels, lambda rng: batch,
+                             RelationObjective(student, teacher, head, 4), lc, workdir, {"t": 1},
+                             torch.device("cpu"), "test", weights)
+        return student.model.state_dict(), recs
+
+    weighted, recs = train([50, 30, 10], {50: 1.5, 30: 1.5, 10: 0.0}, tmp_path / "a")
+    alone, _ = train([50, 30], None, tmp_path / "b")
+    assert all(torch.allclose(weighted[k], alone[k], atol=1e-6) for k in weighted)
+    assert recs[0]["loss_per_level"]["10"] > 0  # the log keeps the unweighted loss of every level
+    uniform, _ = train([50, 30, 10], None, tmp_path / "c")
+    assert not all(torch.allclose(weighted[k], uniform[k], atol=1e-6) for k in weighted)
+    with pytest.raises(ValueError, match=r"differs in \['level_weights'\]"):
+        train([50, 30, 10], {50: 1.5, 30: 1.5, 10: 0.0}, tmp_path / "c")
+    with pytest.raises(ValueError, match=r"train_elastic: no weight for levels \[10\]"):
+        train([50, 30, 10], {50: 1.0, 30: 1.0}, tmp_path / "d")
 
 
 def test_retrieval_loss_masks_repeated_positives_and_kd_vanishes_on_equal_logits():

@@ -234,6 +234,7 @@ def test_elastic_ranker_config_fails_at_load_naming_the_field(tmp_path):
                         ("elastic_ranker: {relation_weight: -0.5}", "elastic_ranker.relation_weight"),
                         ("elastic_ranker: {lce_weight: 0, kd_weight: 0}", "elastic_ranker.lce_weight / kd_weight"),
                         ("elastic_ranker: {warmup: 1.0}", "elastic_ranker.warmup"),
+                        ("elastic_ranker: {level_weight_power: -0.5}", "elastic_ranker.level_weight_power: must be >= 0"),
                         ("elastic_ranker: {score_queries: many}", "elastic_ranker.score_queries")):
         f = tmp_path / "r.yaml"
         f.write_text(body + "\n")

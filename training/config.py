@@ -270,6 +270,10 @@ class ElasticRankerConfig:
                              "pseudo-positive); relations of all 32 pairs of a step cost about 1.2 s per SubLM on this "
                              "CPU at 160 tokens, four times the SubLM's own forward and backward")
     dropout: float = _f(0.1, "dropout on the pooled output while training")
+    level_weight_power: float = _f(0.0, "per-level loss weight w_k ∝ (largest level / k) ** power, mean 1 "
+                                   "(training/loop.level_weights): 0 = every SubLM alike (Algorithm 1); 0.5 weights "
+                                   "the 5 % SubLM 3.2 times the 50 % one, whose gradients otherwise dominate the "
+                                   "weights they share")
     seed: int = _f(0, "seed of the score-query sample and of batch sampling")
 
 
@@ -495,6 +499,8 @@ def _validate_elastic_ranker(e: ElasticRankerConfig, r: RankerConfig) -> None:
             raise ValueError(f"config elastic_ranker.{name}: must be >= 0 (0 = off)")
     if e.lce_weight + e.kd_weight == 0:
         raise ValueError("config elastic_ranker.lce_weight / kd_weight: not both 0 (nothing would train the scores)")
+    if e.level_weight_power < 0:
+        raise ValueError(f"config elastic_ranker.level_weight_power: must be >= 0 (0 = uniform), got {e.level_weight_power}")
     if not 0 <= e.warmup < 1:
         raise ValueError("config elastic_ranker.warmup: a fraction of steps in [0, 1)")
     if not 0 <= e.dropout < 1:

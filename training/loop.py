@@ -1,9 +1,11 @@
 """Elastic optimization (paper §4.2, Algorithm 1), shared by both stages and the static baselines.
 
-Every optimizer step traverses every SubLM: forward the batch through SubLM k, loss_k / K,
+Every optimizer step traverses every SubLM: forward the batch through SubLM k, w_k · loss_k / K,
 backward (gradients accumulate in the shared weights), then one clipped AdamW step with a linear
 warmup/decay schedule (transformers' ``get_linear_schedule_with_warmup``). A static baseline is
-the same loop with one level.
+the same loop with one level. w_k = 1 for every k is Algorithm 1 as the paper has it; a stage may
+pass other per-level weights (``level_weights``: mean 1, larger for the small SubLMs, whose
+gradients the large ones otherwise outweigh in the weights they share).
 
 The loop logs (step, loss per level, learning rate, wall seconds, peak memory) to
 ``train_log.jsonl``, checkpoints model + optimizer + scheduler + step every ``checkpoint_every``
@@ -74,6 +76,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def level_weights(levels: list[int], power: float) -> dict[int, float]:
+    """Per-level loss weights w_k ∝ (largest level / k) ** power, scaled to mean 1.
+
+    power 0 gives w_k = 1 (Algorithm 1 as the paper has it); power 0.5 weights the 5 % SubLM
+    √10 ≈ 3.2 times the 50 % one. One level always gets 1, so a static baseline is unchanged.
+
+    Raises:
+        ValueError: no levels, a level not in (0, 100], or a negative power.
+    """
+    if not levels or any(not 0 < k <= 100 for k in levels):
+        raise ValueError(f"level_weights: levels must be percentages in (0, 100], got {levels}")
+    if power < 0:
+        raise ValueError(f"level_weights: power must be >= 0, got {power}")
+    raw = {k: (max(levels) / k) ** power for k in levels}
+    mean = sum(raw.values()) / len(raw)
+    return {k: w / mean for k, w in raw.items()}
+
+
 def train_elastic(
     params_from: torch.nn.Module,
     levels: list[int],
@@ -84,6 +104,7 @@ def train_elastic(
     key: dict,
     device: torch.device,
     desc: str,
+    weights: dict[int, float] | None = None,
 ) -> list[dict]:
     """Run Algorithm 1 for ``lc.steps`` optimizer steps; returns the log records.
 
@@ -109,6 +130,11 @@ def train_elastic(
 
     sched = get_linear_schedule_with_warmup(opt, int(lc.warmup * lc.steps), lc.steps)
     key = {**key, "loop": asdict(lc), "levels": list(levels)}
+    if weights is not None:  # only then: runs of uniform weight keep the key they were written under
+        missing = sorted(set(levels) - set(weights))
+        if missing:
+            raise ValueError(f"train_elastic: no weight for levels {missing}")
+        key["level_weights"] = {str(k): round(weights[k], 6) for k in levels}
     start, records = 0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -143,7 +169,8 @@ def train_elastic(
             per_level = {}
             for level in levels:  # Algorithm 1: traverse every SubLM, accumulate gradients
                 loss = objective.loss(batch, prep, level)
-                (loss / len(levels)).backward()
+                w = 1.0 if weights is None else weights[level]
+                (w * loss / len(levels)).backward()
                 per_level[level] = loss.item()
             objective.finish(prep)
             torch.nn.utils.clip_grad_norm_(params, lc.max_grad_norm)

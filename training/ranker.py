@@ -51,7 +51,7 @@ from training.config import RecipeConfig, config_cli
 from training.distill import fingerprint
 from training.importance import lce_scores
 from training.lce_loss import lce_loss
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
 from training.prune import build_submap
 from training.rank_kd_loss import listwise_kd
 from training.ranker_teacher import RankerData, group_sampler, ranker_data, train_teacher
@@ -189,7 +189,8 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
     lc = LoopConfig(e.steps, e.lr, e.weight_decay, e.warmup, e.max_grad_norm, e.seed, cfg.train.checkpoint_every,
                     cfg.train.log_every)
     t0 = time.time()
-    records = train_elastic(trained, levels, sample, objective, lc, workdir, key, device, desc)
+    weights = level_weights(levels, e.level_weight_power) if e.level_weight_power else None
+    records = train_elastic(trained, levels, sample, objective, lc, workdir, key, device, desc, weights)
     student.model.to("cpu")
     teacher.model.to("cpu")
     student.save(out)
