@@ -112,6 +112,49 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_dir, tiny_el
     assert len(lines) >= 6
 
 
+class _DropoutObjective:
+    """A stage whose loss draws dropout masks from torch's RNG, as the ranker and GLUE heads do."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def prepare(self, batch):
+        return None
+
+    def loss(self, batch, prep, level):
+        return (torch.nn.functional.dropout(self.net(batch), 0.5, training=True) ** 2).mean()
+
+    def finish(self, prep):
+        pass
+
+
+def test_resume_with_dropout_equals_an_uninterrupted_run(tmp_path):
+    """The checkpoint holds torch's RNG state: after a resume, dropout draws the masks the
+    uninterrupted run drew (without it the weights differ from the step after the resume on)."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+
+    def train(workdir, stop_at=None):
+        torch.manual_seed(0)  # as a stage seeds itself when it starts, resumed or not
+        net = torch.nn.Linear(6, 5)
+        calls = []
+
+        def sample(rng):
+            if stop_at is not None and len(calls) == stop_at:
+                raise _Interrupt
+            calls.append(1)
+            return x
+
+        lc = LoopConfig(6, 1e-2, 0.0, 0.0, 1.0, 0, 2, 1)
+        train_elastic(net, [100], sample, _DropoutObjective(net), lc, workdir, {"t": 1}, torch.device("cpu"), "t")
+        return net.state_dict()
+
+    straight = train(tmp_path / "a")
+    with pytest.raises(_Interrupt):
+        train(tmp_path / "b", stop_at=3)  # dies in step 4; the checkpoint holds step 2
+    resumed = train(tmp_path / "b")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_checkpoint_of_another_run_is_refused(tiny_elastic, tiny_dir, tmp_path):
     student, teacher = ElasticEncoder(tiny_elastic), ElasticEncoder(tiny_dir)
     head = RelationHead(32)

@@ -8,10 +8,11 @@ pass other per-level weights (``level_weights``: mean 1, larger for the small Su
 gradients the large ones otherwise outweigh in the weights they share).
 
 The loop logs (step, loss per level, learning rate, wall seconds, peak memory) to
-``train_log.jsonl``, checkpoints model + optimizer + scheduler + step every ``checkpoint_every``
+``train_log.jsonl``, checkpoints model + optimizer + scheduler + step + torch's RNG state every ``checkpoint_every``
 steps (written to a temporary file, then renamed), and resumes from the checkpoint when one
-exists. Batches are drawn from a generator seeded by (seed, step), so a resumed run sees the
-batches the uninterrupted run would have seen.
+exists. Batches are drawn from a generator seeded by (seed, step), and the RNG state (dropout)
+is restored, so a resumed run sees the batches and dropout masks the uninterrupted run would have
+seen.
 """
 
 from __future__ import annotations
@@ -149,13 +150,20 @@ def train_elastic(
             raise ValueError(f"{ckpt_path}: does not fit the model: {str(e).splitlines()[0]}") from None
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if "rng" in ck:  # dropout masks go on as an uninterrupted run's would (older checkpoints lack it)
+            torch.set_rng_state(ck["rng"])
+            if device.type == "cuda" and "cuda_rng" in ck:
+                torch.cuda.set_rng_state(ck["cuda_rng"], device)
         start, records = ck["step"], ck["records"]
         print(f"[{desc}] resuming from {ckpt_path} at step {start}/{lc.steps}", flush=True)
 
     def save(step: int) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"key": key, "model": params_from.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": step, "records": records}, tmp)
+        state = {"key": key, "model": params_from.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "step": step, "records": records, "rng": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        torch.save(state, tmp)
         os.replace(tmp, ckpt_path)
 
     params_from.train()  # the encoder has no dropout; train() only marks intent
