@@ -500,7 +500,8 @@ def _validate_elastic_ranker(e: ElasticRankerConfig, r: RankerConfig) -> None:
     if e.lce_weight + e.kd_weight == 0:
         raise ValueError("config elastic_ranker.lce_weight / kd_weight: not both 0 (nothing would train the scores)")
     if e.level_weight_power < 0:
-        raise ValueError(f"config elastic_ranker.level_weight_power: must be >= 0 (0 = uniform), got {e.level_weight_power}")
+        raise ValueError("config elastic_ranker.level_weight_power: must be >= 0 (0 = uniform), "
+                         f"got {e.level_weight_power}")
     if not 0 <= e.warmup < 1:
         raise ValueError("config elastic_ranker.warmup: a fraction of steps in [0, 1)")
     if not 0 <= e.dropout < 1:

@@ -8,11 +8,11 @@ pass other per-level weights (``level_weights``: mean 1, larger for the small Su
 gradients the large ones otherwise outweigh in the weights they share).
 
 The loop logs (step, loss per level, learning rate, wall seconds, peak memory) to
-``train_log.jsonl``, checkpoints model + optimizer + scheduler + step + torch's RNG state every ``checkpoint_every``
-steps (written to a temporary file, then renamed), and resumes from the checkpoint when one
-exists. Batches are drawn from a generator seeded by (seed, step), and the RNG state (dropout)
-is restored, so a resumed run sees the batches and dropout masks the uninterrupted run would have
-seen.
+``train_log.jsonl``, checkpoints model + optimizer + scheduler + step + torch's RNG state every
+``checkpoint_every`` steps (written to a temporary file, then renamed), and resumes from the
+checkpoint when one exists. Batches are drawn from a generator seeded by (seed, step), and the
+RNG state (dropout) is restored, so a resumed run sees the batches and dropout masks the
+uninterrupted run would have seen.
 """
 
 from __future__ import annotations
