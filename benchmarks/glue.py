@@ -99,6 +99,18 @@ def targets(rows: list[dict], tasks: list[str]) -> list[str]:
     return lines
 
 
+POOLING_WORDS = {  # what the classifier reads (glue.pooling, validated at load), as glue.md's recipe says it
+    "cls": "BERT's pooled [CLS]",
+    "mean": "the mean of the tokens",
+}
+
+STRUCTURES = {  # how each prune.score_objective ranks units, as glue.md's recipe says it
+    "relation": "task-agnostic expressive scores (the relation-distillation loss on unlabeled text)",
+    "glue_task": "the task teachers' expressive scores (each task's loss on its training examples, summed over "
+                 "the tasks)",
+}
+
+
 def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str], command: str, wall_s: float) -> str:
     """glue.md: Table 4's layout (one row per system and level), the targets and the recipe."""
     g = glue_scores(rows, tasks)
@@ -157,18 +169,6 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
             "Max length: 64 tokens for SST-2, 128 for the others (Table 3).",
             "- No search grid and no early stopping: the dev sets are only scored."]
     return "\n".join(out) + "\n"
-
-
-POOLING_WORDS = {  # what the classifier reads (glue.pooling, validated at load), as glue.md's recipe says it
-    "cls": "BERT's pooled [CLS]",
-    "mean": "the mean of the tokens",
-}
-
-STRUCTURES = {  # how each prune.score_objective ranks units, as glue.md's recipe says it
-    "relation": "task-agnostic expressive scores (the relation-distillation loss on unlabeled text)",
-    "glue_task": "the task teachers' expressive scores (each task's loss on its training examples, summed over "
-                 "the tasks)",
-}
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
