@@ -172,15 +172,34 @@ def rankers(cfg: RecipeConfig) -> list[tuple[str, CrossEncoder]]:
     return out
 
 
+def denser_source(cfg: RecipeConfig, denser_run: Path | None = None) -> Path | None:
+    """The run directory whose ElasticDenser gives the "dense" first stage: ``denser_run`` when
+    given, else run_dir; None when run_dir has no ElasticDenser (then BM25 is the only first stage).
+
+    Raises:
+        FileNotFoundError: ``denser_run`` was given and lacks elastic/model.safetensors or
+            index/index.faiss (a named run that cannot serve is an error, not a silent BM25-only run).
+    """
+    run = denser_run or cfg.run
+    missing = [f for f in ("elastic/model.safetensors", "index/index.faiss") if not (run / f).exists()]
+    if not missing:
+        return run
+    if denser_run is not None:
+        raise FileNotFoundError(f"--denser-run {denser_run}: no {missing[0]} (train ElasticDenser and build its index "
+                                f"there, e.g. bash scripts/full.sh for runs/full)")
+    return None
+
+
 def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], depth: int,
              denser_run: Path | None = None) -> tuple[list[dict], dict]:
     """(rerank rows, pseudo-label check).
 
     ``denser_run``: the run directory whose ElasticDenser (elastic/, index/) gives the "dense"
-    first stage (default: run_dir; none there: BM25 only).
+    first stage (default: run_dir; none there: BM25 only; see denser_source).
 
     Raises:
-        FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher).
+        FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher), or
+            ``denser_run`` holds no ElasticDenser and index.
         ValueError: a candidate that the collection lacks, or no candidate query among the queries.
     """
     queries, collection, qrels = dict(zip(data.qids, data.qtexts)), dict(zip(data.pids, data.ptexts)), data.qrels
@@ -199,9 +218,9 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     row_of = {p: i for i, p in enumerate(pids)}
     qi = {q: i for i, q in enumerate(qids)}
     stages, dense_level = {"bm25": cands}, None
-    denser_run = denser_run or cfg.run
-    index_dir = denser_run / "index"
-    if (denser_run / "elastic" / "model.safetensors").exists() and (index_dir / "index.faiss").exists():
+    denser_run = denser_source(cfg, denser_run)
+    if denser_run is not None:
+        index_dir = denser_run / "index"
         import faiss  # the served index (training/build_index.py), searched as the handler does
 
         denser = ElasticEncoder(denser_run / "elastic")
@@ -273,12 +292,15 @@ def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: s
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
     data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
+    source = denser_source(cfg, denser_run)  # fails before any scoring when a named run cannot serve
     rows, labels = evaluate(cfg, data, first, depth, denser_run)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "
            f"{colfile} ({len(data.pids):,} passages); each first stage's top {depth} reranked; latency: median of 10, one "
-           f"query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all.")
+           f"query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all. First stages: BM25 (the run above)"
+           + (f" and ElasticDenser's largest SubLM from {source} (its served index)." if source else
+              f"; no ElasticDenser in {cfg.run}, so no dense first stage (--denser-run names one)."))
     (out / "rerank.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "rerank_labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     md = to_markdown(rows, labels, how)

@@ -215,7 +215,11 @@ def test_rerank_benchmark_rows_and_pseudo_label_check(ranker_cfg, tmp_path):
     labels = json.loads((tmp_path / "rerank_labels.json").read_text())
     assert labels["queries"] == 20 and set(labels) >= {"bm25", "dense-teacher", "rrf"}
     assert all(0 <= labels[k]["p_at_1"] <= 1 for k in ("bm25", "dense-teacher", "rrf"))
-    assert (tmp_path / "rerank.png").exists() and "Pseudo-label check" in (tmp_path / "rerank.md").read_text()
+    md = (tmp_path / "rerank.md").read_text()
+    assert (tmp_path / "rerank.png").exists() and "Pseudo-label check" in md
+    assert f"no ElasticDenser in {ranker_cfg.run}, so no dense first stage" in md
+    with pytest.raises(FileNotFoundError, match=r"--denser-run .*nowhere: no elastic/model\.safetensors"):
+        run(ranker_cfg, None, None, None, None, None, tmp_path, tmp_path / "nowhere")
     bad = tmp_path / "bad.tsv"
     bad.write_text("nosuchqid\tp1\t1\n")
     with pytest.raises(ValueError, match="no query of the candidate run is among the queries"):
@@ -359,6 +363,11 @@ def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skip
     assert len(table) == sum(r["frontier"] for r in rows) >= 1
     best = max(rows, key=lambda r: (r["mrr_at_10"], -r["gflops_per_query"]))
     assert best["frontier"]
+    reranked = rerank(cfg, None, None, None, None, None, tmp_path / "eval_dense", denser_run)
+    dense = [r for r in reranked if r["first_stage"] == "dense"]
+    assert {r["system"] for r in dense} == {"dense-teacher", "ranker-teacher", "elastic", "static"}
+    assert all(r["denser_level"] == 50 for r in dense)  # the tiny ElasticDenser's largest SubLM
+    assert f"ElasticDenser's largest SubLM from {denser_run}" in (tmp_path / "eval_dense" / "rerank.md").read_text()
     (cfg.run / "pipeline").mkdir()
     shutil.copy(tmp_path / "pq" / "pipeline.json", cfg.run / "pipeline" / "pipeline.json")
     mar = run_pipeline(cfg, denser_run, tmp_path / "store", "no-archive")
