@@ -2,6 +2,7 @@
 per-SubLM accumulation, checkpoints and resumption, static baselines, and bad input failing
 before any training step."""
 
+import json
 import math
 
 import pytest
@@ -153,6 +154,10 @@ def test_resume_with_dropout_equals_an_uninterrupted_run(tmp_path):
         train(tmp_path / "b", stop_at=3)  # dies in step 4; the checkpoint holds step 2
     resumed = train(tmp_path / "b")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # the log holds each step once (step 3, logged before the crash, is not repeated) and the same losses
+    logs = [[json.loads(x) for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss_per_level"] for r in logs[1]] == [r["loss_per_level"] for r in logs[0]]
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_elastic, tiny_dir, tmp_path):

@@ -324,6 +324,15 @@ def test_elastic_ranker_recipe_trains_every_level_and_static_baselines_then_skip
     out = capsys.readouterr().out
     assert "pruned before" in out and "ranker elastic] done before" in out and "ranker static 25%] done before" in out
     assert (root / "elastic" / "model.safetensors").read_bytes() == before
+    cfg.elastic_ranker.level_weight_power = 0.5  # changes the elastic run; a one-level run's weight stays 1
+    run(cfg)
+    out = capsys.readouterr().out
+    assert "ranker elastic] done before" not in out and "ranker static 25%] done before" in out
+    log = [json.loads(x) for x in (root / "elastic" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3]
+    power = {d: json.loads((root / d / "stage.json").read_text())["key"]["elastic_ranker"]["level_weight_power"]
+             for d in ("elastic", "static/25/model")}
+    assert power == {"elastic": 0.5, "static/25/model": 0.0}
     rows = rerank(cfg, None, None, None, None, None, tmp_path / "eval")
     assert [(r["system"], r["level"]) for r in rows] == [("bm25", None), ("dense-teacher", None),
                                                          ("ranker-teacher", None), ("elastic", 50), ("elastic", 25),

@@ -169,6 +169,9 @@ def train_elastic(
     params_from.train()  # the encoder has no dropout; train() only marks intent
     t0 = time.time() - (records[-1]["wall_s"] if records else 0.0)
     window: list[dict[int, float]] = []
+    # the log holds this run's records and no other's: those up to the checkpoint it resumes from
+    # (steps logged after that checkpoint are trained and logged again), none on a fresh start
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with open(log_path, "a") as log:
         for step in tqdm(range(start, lc.steps), desc=desc, unit="step", initial=start, total=lc.steps):
             batch = sample(random.Random(lc.seed * 1_000_003 + step))

@@ -161,7 +161,10 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
     e, r = cfg.elastic_ranker, cfg.ranker
     student = CrossEncoder(init, r.max_length, e.dropout, e.seed)
     levels = levels or student.levels
-    key = {"stage": "elastic_ranker", "elastic_ranker": asdict(e), "init": fingerprint(init),
+    settings = asdict(e)
+    if len(levels) == 1:  # one SubLM's weight is 1 whatever the power: a static baseline keeps its key
+        settings["level_weight_power"] = 0.0
+    key = {"stage": "elastic_ranker", "elastic_ranker": settings, "init": fingerprint(init),
            "teacher": fingerprint(teacher.model_dir), "levels": levels,
            "relation_heads": cfg.distill.relation_heads,
            "data": {k: getattr(r, k) for k in ("train_queries", "depth", "rrf_k", "positive", "max_length", "seed")}}
@@ -189,7 +192,7 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
     lc = LoopConfig(e.steps, e.lr, e.weight_decay, e.warmup, e.max_grad_norm, e.seed, cfg.train.checkpoint_every,
                     cfg.train.log_every)
     t0 = time.time()
-    weights = level_weights(levels, e.level_weight_power) if e.level_weight_power else None
+    weights = level_weights(levels, settings["level_weight_power"]) if settings["level_weight_power"] else None
     records = train_elastic(trained, levels, sample, objective, lc, workdir, key, device, desc, weights)
     student.model.to("cpu")
     teacher.model.to("cpu")
