@@ -288,11 +288,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: str | None, collection: str | None,
         depth: int | None, out: Path | None, denser_run: Path | None = None) -> list[dict]:
     t0 = time.time()
+    source = denser_source(cfg, denser_run)  # fails before anything loads when a named run cannot serve
     qfile, rfile = queries or cfg.data.dev_queries, qrels or cfg.data.qrels
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
     data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
-    source = denser_source(cfg, denser_run)  # fails before any scoring when a named run cannot serve
     rows, labels = evaluate(cfg, data, first, depth, denser_run)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
