@@ -93,13 +93,17 @@ def test_a_request_past_its_deadline_is_shed_with_retry_after(server):
 def test_level_drops_under_burst_and_recovers(server):
     ts, url = server
     queries = [json.dumps({"query": f"what is query number {i} about"}).encode() for i in range(300)]
-    with ThreadPoolExecutor(max_workers=16) as pool:  # 4 full batches of 4 in flight: past T = 25 ms
+    # 12 full batches of 4 in flight, g up to 40: far past T = 25 ms at the largest level (here 92-109
+    # of the 300 answers came from the 10 % SubLM; with 16 in flight, g <= 8, every answer fitted T at
+    # 50 % in 2 of 3 full-module runs, and a fresh-clone .ci/run failed so once)
+    with ThreadPoolExecutor(max_workers=48) as pool:
         answers = list(pool.map(lambda b: _post(url, b), queries))
     assert all(s in (200, 503) for s, _, _ in answers)
     assert all(h.get("Retry-After") == "1" for s, _, h in answers if s == 503)
     served = [(b["level"], b["queue_size"]) for s, b, _ in answers if s == 200]
     assert len(served) >= 50, f"only {len(served)} of 300 served"
-    assert any(lv < 50 for lv, _ in served), f"no smaller SubLM used under the burst: {served[:20]}"
+    assert any(lv < 50 for lv, _ in served), \
+        f"no smaller SubLM used under the burst (max g {max(g for _, g in served)}): {served[:20]}"
     assert max(g for _, g in served) >= 4  # full batches saw a queue behind them
     assert ts.describe("elastic")["queue_polls"] > 0
     time.sleep(1.5)  # the queue drains and the burst leaves the arrival-rate window (1 s)
