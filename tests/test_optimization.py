@@ -377,3 +377,16 @@ def test_query_distillation_lowers_every_sublm_loss(tiny_dir, tiny_elastic, tmp_
     qd.token_weight = -1.0
     with pytest.raises(ValueError, match="config query_distill.token_weight: must be >= 0"):
         validate(cfg)
+    # per-level loss weights: a run of its own (the uniform checkpoint is refused, not resumed) whose
+    # weights reach the loop (test_level_weights_scale_each_sublm_gradient: they scale each SubLM's gradient)
+    qd.token_weight, qd.level_weight_power = 0.0, 0.5
+    with pytest.raises(ValueError, match=r"ck.checkpoint.pt: written by a different run \(differs in \['level_weights'\]\)"):
+        query_distill(cfg, tiny_elastic, tmp_path / "out_lw", tmp_path / "ck")
+    query_distill(cfg, tiny_elastic, tmp_path / "out_lw", tmp_path / "ck_lw")
+    ck = torch.load(tmp_path / "ck_lw" / "checkpoint.pt", weights_only=False)
+    assert ck["key"]["level_weights"] == {"50": 0.662681, "30": 0.855518, "10": 1.481801}
+    last_lw = json.loads((tmp_path / "ck_lw" / "train_log.jsonl").read_text().splitlines()[-1])["loss_per_level"]
+    assert last_lw != last
+    qd.level_weight_power = -0.5
+    with pytest.raises(ValueError, match=r"config query_distill.level_weight_power: must be >= 0 \(0 = uniform\), got -0.5"):
+        validate(cfg)

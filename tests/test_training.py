@@ -131,3 +131,19 @@ def test_config_errors_name_the_field(tmp_path):
             load_config(p)
     p.write_text("serve:\n  latency_constraint_ms: 40\n")
     assert load_config(p).serve.latency_constraint_ms == 40.0
+
+
+def test_every_committed_recipe_loads_and_validates():
+    """A recipe in configs/ that a field rename or a new check broke fails here, not an hour into a run."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    recipes = sorted(configs.glob("**/*.yaml"))
+    assert len(recipes) >= 10, recipes
+    for f in recipes:
+        cfg = load_config(f)
+        assert cfg.run_dir.startswith("runs/"), f"{f}: run_dir {cfg.run_dir!r} is outside runs/ (git-ignored)"
+    # the GPU recipe is the full one with 3x the steps (benchmarks/results/gpu/README.md)
+    full, gpu = load_config(configs / "full.yaml"), load_config(configs / "full_gpu.yaml")
+    assert gpu.query_distill.steps == 3 * full.query_distill.steps
+    assert (gpu.query_distill.batch_size, gpu.query_distill.lr) == (full.query_distill.batch_size, full.query_distill.lr)

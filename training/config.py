@@ -129,6 +129,9 @@ class QueryDistillConfig:
                                       "results/train_throughput.md; ablation 'word embeddings=trained')")
     length_window: int = _f(4, "a batch is drawn from a run of length_window x batch_size queries of similar token "
                             "length (less padding); 0 = uniform over all queries")
+    level_weight_power: float = _f(0.0, "per-level loss weight w_k ∝ (largest level / k) ** power, mean 1 "
+                                   "(training/loop.level_weights): 0 = every SubLM alike (Algorithm 1); 0.5 weights "
+                                   "the 5 % SubLM 3.2 times the 50 % one (configs/denser_probes/level_weights.yaml)")
     seed: int = _f(0, "random seed of batch sampling")
 
 
@@ -376,6 +379,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
     if qd.token_weight < 0:
         raise ValueError(f"config query_distill.token_weight: must be >= 0 (0 = off), got {qd.token_weight}")
+    if qd.level_weight_power < 0:
+        raise ValueError(f"config query_distill.level_weight_power: must be >= 0 (0 = uniform), got {qd.level_weight_power}")
     if qd.length_window < 0:
         raise ValueError("config query_distill.length_window: must be >= 0 (0 = uniform sampling)")
     if not 0 <= qd.warmup < 1:

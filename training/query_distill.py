@@ -22,7 +22,8 @@ teacher's query is. So every SubLM k learns, on label-free queries (every file o
 - optionally, token by token: ``token_weight · L_tok``, each query token's last hidden state
   toward the teacher's (training/token_loss.py); it costs one teacher forward per step.
 
-Every SubLM trains at every step (Algorithm 1, training/loop.py). Nothing is encoded on the
+Every SubLM trains at every step (Algorithm 1, training/loop.py), its loss weighted by
+``level_weight_power`` (0: alike; > 0: the small SubLMs more, training/loop.level_weights). Nothing is encoded on the
 passage side during training: the teacher's passage and query embeddings are computed once per
 run (training/teacher.py), so a step costs K forward/backward passes of short queries only.
 """
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import check_pair, fingerprint
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
 from training.teacher import TeacherSide, teacher_side
 from training.token_loss import token_cosine_loss
 
@@ -192,11 +193,13 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
     qkey = asdict(qd)
     if qkey["token_weight"] == 0:  # added later; at its default, stages finished before it are still done
         del qkey["token_weight"]
+    power = qkey.pop("level_weight_power")  # likewise; and one SubLM's weight is 1 whatever the power (static)
+    weights = level_weights(student.levels, power) if power and len(student.levels) > 1 else None
     key = {"stage": "query_distill", "query_distill": qkey, "src": fingerprint(src),
            "teacher": str(teacher_path(cfg)), "data": [cfg.data.collection, *cfg.data.train_queries],
            "encode": asdict(cfg.encode)}
     objective = QueryDistillObjective(student, side, top, cfg, device, teacher)
-    records = train_elastic(student.model, student.levels, sample, objective, lc, workdir, key, device, desc)
+    records = train_elastic(student.model, student.levels, sample, objective, lc, workdir, key, device, desc, weights)
     student.model.to("cpu")
     student.save(out)
     (out / "finetune.json").write_text(json.dumps(
