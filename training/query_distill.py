@@ -23,8 +23,8 @@ teacher's query is. So every SubLM k learns, on label-free queries (every file o
   toward the teacher's (training/token_loss.py); it costs one teacher forward per step.
 
 Every SubLM trains at every step (Algorithm 1, training/loop.py), its loss weighted by
-``level_weight_power`` (0: alike; > 0: the small SubLMs more, training/loop.level_weights). Nothing is encoded on the
-passage side during training: the teacher's passage and query embeddings are computed once per
+``level_weight_power`` (0: alike; > 0: the small SubLMs more, training/loop.level_weights).
+Nothing is encoded on the passage side during training: the teacher's passage and query embeddings are computed once per
 run (training/teacher.py), so a step costs K forward/backward passes of short queries only.
 """
 
