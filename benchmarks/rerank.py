@@ -195,11 +195,10 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     """(rerank rows, pseudo-label check).
 
     ``denser_run``: the run directory whose ElasticDenser (elastic/, index/) gives the "dense"
-    first stage (default: run_dir; none there: BM25 only; see denser_source).
+    first stage, as ``denser_source`` resolved it; None: BM25 only.
 
     Raises:
-        FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher), or
-            ``denser_run`` holds no ElasticDenser and index.
+        FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher).
         ValueError: a candidate that the collection lacks, or no candidate query among the queries.
     """
     queries, collection, qrels = dict(zip(data.qids, data.qtexts)), dict(zip(data.pids, data.ptexts)), data.qrels
@@ -218,7 +217,6 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     row_of = {p: i for i, p in enumerate(pids)}
     qi = {q: i for i, q in enumerate(qids)}
     stages, dense_level = {"bm25": cands}, None
-    denser_run = denser_source(cfg, denser_run)
     if denser_run is not None:
         index_dir = denser_run / "index"
         import faiss  # the served index (training/build_index.py), searched as the handler does
@@ -293,7 +291,7 @@ def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: s
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
     data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
-    rows, labels = evaluate(cfg, data, first, depth, denser_run)
+    rows, labels = evaluate(cfg, data, first, depth, source)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "

@@ -131,10 +131,13 @@ def train_elastic(
 
     sched = get_linear_schedule_with_warmup(opt, int(lc.warmup * lc.steps), lc.steps)
     key = {**key, "loop": asdict(lc), "levels": list(levels)}
-    if weights is not None:  # only then: runs of uniform weight keep the key they were written under
+    if weights is not None:
         missing = sorted(set(levels) - set(weights))
         if missing:
             raise ValueError(f"train_elastic: no weight for levels {missing}")
+        if all(weights[k] == 1.0 for k in levels):  # Algorithm 1 as is (power 0, or one level: a static run)
+            weights = None
+    if weights is not None:  # only then: runs of uniform weight keep the key they were written under
         key["level_weights"] = {str(k): round(weights[k], 6) for k in levels}
     start, records = 0, []
     if ckpt_path.exists():

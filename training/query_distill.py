@@ -193,8 +193,7 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
     qkey = asdict(qd)
     if qkey["token_weight"] == 0:  # added later; at its default, stages finished before it are still done
         del qkey["token_weight"]
-    power = qkey.pop("level_weight_power")  # likewise; and one SubLM's weight is 1 whatever the power (static)
-    weights = level_weights(student.levels, power) if power and len(student.levels) > 1 else None
+    weights = level_weights(student.levels, qkey.pop("level_weight_power"))  # likewise: the loop keys non-uniform ones
     key = {"stage": "query_distill", "query_distill": qkey, "src": fingerprint(src),
            "teacher": str(teacher_path(cfg)), "data": [cfg.data.collection, *cfg.data.train_queries],
            "encode": asdict(cfg.encode)}

@@ -192,7 +192,7 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
     lc = LoopConfig(e.steps, e.lr, e.weight_decay, e.warmup, e.max_grad_norm, e.seed, cfg.train.checkpoint_every,
                     cfg.train.log_every)
     t0 = time.time()
-    weights = level_weights(levels, settings["level_weight_power"]) if settings["level_weight_power"] else None
+    weights = level_weights(levels, e.level_weight_power)  # all 1 (power 0, or one level): the loop's uniform run
     records = train_elastic(trained, levels, sample, objective, lc, workdir, key, device, desc, weights)
     student.model.to("cpu")
     teacher.model.to("cpu")
