@@ -6,7 +6,8 @@
 #   .gpu/teacher/ + teacher16.safetensors.xz   the bundled teacher's files; its weights rounded to fp16 and xz'd
 #                                   (90.9 MB -> 40.8 MB, so the tree fits the 64 MiB a call carries)
 # usage: bash scripts/device_run.sh CONFIG STAGE...   (stages: python modules, e.g. training.prune)
-# Training stages get --device cuda; the teacher is the fp16-rounded one, back in fp32 (prune.teacher).
+# Training stages get --device cuda; the teacher is the fp16-rounded one, back in fp32 (prune.teacher, set in
+# a copy of CONFIG parsed as YAML: a recipe with its own prune section keeps it).
 # $OUT/run.tgz: the run directory without weights, indexes or caches.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,7 +24,11 @@ from safetensors.torch import load_file, save_file
 sd = load_file('/tmp/t16.safetensors'); save_file({k: v.float().contiguous() for k, v in sd.items()}, '/tmp/teacher/model.safetensors')" || exit 1
 fi
 CFG=$1; shift
-cp "$CFG" /tmp/cfg.yaml && printf '\nprune:\n  teacher: /tmp/teacher\n' >> /tmp/cfg.yaml
+python3 -c "
+import sys, yaml
+raw = yaml.safe_load(open(sys.argv[1])) or {}
+raw.setdefault('prune', {})['teacher'] = '/tmp/teacher'
+yaml.safe_dump(raw, open('/tmp/cfg.yaml', 'w'))" "$CFG" || exit 1
 RUN=$(python3 -c "from training.config import load_config; print(load_config('/tmp/cfg.yaml').run_dir)")
 mkdir -p "$RUN/logs"
 nproc; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

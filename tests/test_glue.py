@@ -74,6 +74,7 @@ def test_unknown_task_name():
     ("glue:\n  kd_weight: 1.5\n", r"config glue.kd_weight: alpha must be in \[0, 1\]"),
     ("glue:\n  epochs: 0\n", "config glue.epochs: must be > 0"),
     ("glue:\n  pooling: max\n", "config glue.pooling: expected 'cls' or 'mean', got 'max'"),
+    ("glue:\n  level_weight_power: -0.5\n", r"config glue.level_weight_power: must be >= 0 \(0 = uniform\), got -0.5"),
     ("distill:\n  pair_fraction: 1.5\n", r"config distill.pair_fraction: a probability in \[0, 1\], got 1.5"),
 ])
 def test_config_checks_glue_fields(tmp_path, yaml_text, message):
@@ -291,6 +292,17 @@ def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
     assert out.count("done before") == 2  # the two teachers; every student trains again
     assert "RTE elastic] step" in out and "STS-B static 20%] step" in out and "teacher] step" not in out
     assert (r / "glue" / "RTE" / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
+    key = json.loads((r / "glue" / "RTE" / "elastic" / "stage.json").read_text())["key"]
+    assert "level_weight_power" not in key["glue"]  # at 0, runs written before the field keep their key
+    cfg.glue.level_weight_power = 0.5  # weighs the elastic run's levels; a static run has one level, weight 1
+    run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("done before") == 2 + 2 * 2  # the teachers and every static level
+    assert "RTE elastic] step" in out and "STS-B elastic] step" in out and "STS-B static 20%] step" not in out
+    key = json.loads((r / "glue" / "RTE" / "elastic" / "stage.json").read_text())["key"]
+    assert key["glue"]["level_weight_power"] == 0.5
+    log = [json.loads(x) for x in (r / "glue" / "RTE" / "elastic" / "train_log.jsonl").read_text().splitlines()]
+    assert all(set(x["loss_per_level"]) == {"50", "20"} for x in log)
     rows, extra = evaluate(cfg)
     assert all(set(row) == {"task", "system", "level", "metric", "score", "gflops"} for row in rows)
     assert {(row["task"], row["system"], row["level"]) for row in rows} == {

@@ -208,6 +208,9 @@ class GlueConfig:
     kd_weight: float = _f(0.5, "alpha: loss = (1 - alpha) * task loss + alpha * KD to the fine-tuned teacher (0 = no KD)")
     kd_temperature: float = _f(2.0, "temperature of the KL between teacher and SubLM class distributions (the KL is "
                                "multiplied by its square); STS-B's KD is the MSE to the teacher's score")
+    level_weight_power: float = _f(0.0, "per-level loss weight of elastic fine-tuning, w_k ∝ (largest level / k) ** "
+                                   "power, mean 1 (training/loop.level_weights): 0 = every SubLM alike (Algorithm 1); "
+                                   "static levels are unaffected (configs/glue_probes/level_weights.yaml)")
     length_window: int = _f(4, "a batch is drawn from a run of length_window x batch_size examples of similar token "
                             "length (less padding); 0 = uniform")
     freeze_word_embeddings: bool = _f(True, "keep the word-embedding table as pretrained (the largest update per step)")
@@ -431,6 +434,8 @@ def _validate_glue(g: GlueConfig) -> None:
         raise ValueError("config glue.warmup: a fraction of steps in [0, 1)")
     if not 0 <= g.dropout < 1:
         raise ValueError("config glue.dropout: a probability in [0, 1)")
+    if g.level_weight_power < 0:
+        raise ValueError(f"config glue.level_weight_power: must be >= 0 (0 = uniform), got {g.level_weight_power}")
     if g.pooling not in ("cls", "mean"):
         raise ValueError(f"config glue.pooling: expected 'cls' or 'mean', got {g.pooling!r}")
     if g.max_train_examples < 0 or g.length_window < 0:

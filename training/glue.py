@@ -46,7 +46,7 @@ from elastic.glue import GlueSet, GlueTask, get_task, read_glue, task_file
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import distill, fingerprint
 from training.glue_loss import glue_loss
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
 from training.query_distill import batch_sampler
 from training.static import cut_level, static_levels
 
@@ -99,11 +99,13 @@ class GlueObjective:
 
 
 def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits: torch.Tensor | None, levels: list[int],
-             epochs: float, lr: float, out: Path, workdir: Path, key: dict, desc: str) -> None:
+             epochs: float, lr: float, out: Path, workdir: Path, key: dict, desc: str,
+             weights: dict[int, float] | None = None) -> None:
     """Fine-tune ``model``'s SubLMs ``levels`` on ``train`` (every level at every step) and write
     the model directory ``out``; skipped when ``out/stage.json`` holds the same ``key``.
 
     Steps: ceil(epochs · N / batch_size); batches are drawn by length window (``glue.length_window``).
+    ``weights``: per-level loss weights (training/loop.level_weights); None = every level alike.
     """
     g = cfg.glue
     key = {**key, "levels": levels, "epochs": epochs, "lr": lr, "n_train": len(train)}
@@ -135,7 +137,7 @@ def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits
                     cfg.train.log_every)
     t0 = time.time()
     records = train_elastic(m, levels, sample, GlueObjective(model, g.kd_weight, g.kd_temperature), lc, workdir, key,
-                            device, desc)
+                            device, desc, weights)
     m.to("cpu")
     model.save(out)
     done.write_text(json.dumps({"key": key, "steps": steps, "wall_s": round(time.time() - t0, 1),
@@ -146,7 +148,7 @@ def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits
 
 # glue fields that only the students (elastic and static) train with: a teacher's key leaves them
 # out, so that a change of the students' budget does not fine-tune the teachers again
-STUDENT_ONLY = ("epochs", "lr", "kd_weight", "kd_temperature")
+STUDENT_ONLY = ("epochs", "lr", "kd_weight", "kd_temperature", "level_weight_power")
 
 
 def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teacher: Path | None) -> dict:
@@ -155,6 +157,8 @@ def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teache
         g.pop(k)
     if g["pooling"] == "cls":  # added later; at its default, stages finished before it are still done
         del g["pooling"]
+    if stage != "elastic" or g.get("level_weight_power") == 0.0:  # likewise; and it weighs the elastic run alone
+        g.pop("level_weight_power", None)
     return {"stage": stage, "task": task.name, "glue": g, "init": fingerprint(init),
             "teacher": fingerprint(teacher) if teacher is not None else None}
 
@@ -303,7 +307,8 @@ def run(cfg: RecipeConfig) -> None:
         elastic = with_head(cfg, init, task, teacher)
         finetune(cfg, elastic, train, soft, elastic.levels, cfg.glue.epochs,
                  cfg.glue.lr, root / "elastic", root / "checkpoints" / "elastic",
-                 _stage_key(cfg, task, "elastic", init, tdir), f"{name} elastic")
+                 _stage_key(cfg, task, "elastic", init, tdir), f"{name} elastic",
+                 level_weights(elastic.levels, cfg.glue.level_weight_power))
         if cfg.static.enabled:
             for level in static_levels(cfg):
                 sinit = cfg.task_init(cfg.run / "static" / str(level))
