@@ -316,6 +316,23 @@ def test_recipe_end_to_end_and_resume(tmp_path, tiny_dir, capsys):
     assert len(targets(rows, ["RTE", "STS-B"])) == 3  # the 50 % ratio line and two elastic-vs-static lines
     md = markdown(rows, extra, cfg, ["RTE", "STS-B"], "cmd", 1.0)
     assert "| static (w/o elasticity) | 20 % |" in md and "GLUE score" in md
+    # a second held-out file: rows among the training texts are dropped; the recipe's models and the same
+    # teacher and static models as the recipe's own dev scoring
+    import sys
+
+    from benchmarks import glue_heldout
+
+    train_lines = (tmp_path / "glue" / "RTE.train.tsv").read_text().splitlines(keepends=True)
+    dev_lines = (tmp_path / "glue" / "RTE.dev.tsv").read_text().splitlines(keepends=True)
+    held = write(tmp_path / "held.tsv", "".join(dev_lines + train_lines[1:4]))  # 16 dev rows + 3 training rows
+    sys.argv = ["glue_heldout", "--task", "RTE", "--file", str(held), "--config", str(tmp_path / "glue.yaml"),
+                "--out", str(tmp_path / "held.json")]
+    glue_heldout.main()
+    res = json.loads((tmp_path / "held.json").read_text())
+    assert res["n"] == 16 and [(r["system"], r["level"]) for r in res["rows"]] == [
+        ("teacher", None), ("elastic", 50), ("elastic", 20), ("static", 50), ("static", 20)]
+    dev_acc = {(r["system"], r["level"]): r["score"] for r in rows if r["task"] == "RTE"}
+    assert all(r["accuracy"] == dev_acc[(r["system"], r["level"])] for r in res["rows"])  # the dev rows, scored alike
 
 
 # --- serving: the same elastic schedule, a classification task ------------------------------------
