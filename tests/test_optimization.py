@@ -390,3 +390,21 @@ def test_query_distillation_lowers_every_sublm_loss(tiny_dir, tiny_elastic, tmp_
     qd.level_weight_power = -0.5
     with pytest.raises(ValueError, match=r"config query_distill.level_weight_power: must be >= 0 \(0 = uniform\), got -0.5"):
         validate(cfg)
+    # pseudo-queries: WikiText spans after the real queries, in a run of its own; pruning's side keeps the real ones
+    from training.teacher import teacher_side
+
+    qd.level_weight_power, qd.pseudo_queries = 0.0, 40
+    with pytest.raises(ValueError, match=r"ck.checkpoint.pt: written by a different run \(differs in \['pseudo_text', 'query_distill'\]\)"):
+        query_distill(cfg, tiny_elastic, tmp_path / "out_pq", tmp_path / "ck")
+    query_distill(cfg, tiny_elastic, tmp_path / "out_pq", tmp_path / "ck_pq")
+    assert json.loads((tmp_path / "out_pq" / "finetune.json").read_text())["queries"] == 64 + 40
+    real, side = teacher_side(cfg), teacher_side(cfg, pseudo=True)
+    assert side.train_queries[:64] == real.train_queries and len(side.train_queries) == len(side.queries) == 104
+    assert torch.equal(side.queries[:64], real.queries) and len(side.positives) == 104
+    assert all(3 <= len(q.split()) <= 10 for q in side.train_queries[64:])
+    last_pq = json.loads((tmp_path / "ck_pq" / "train_log.jsonl").read_text().splitlines()[-1])["loss_per_level"]
+    assert last_pq != last
+    qd.pseudo_query_min_words = 12
+    with pytest.raises(ValueError, match=r"config query_distill.pseudo_query_min_words / pseudo_query_max_words: "
+                                         r"need 1 <= min <= max, got 12, 10"):
+        validate(cfg)

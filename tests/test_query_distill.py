@@ -137,3 +137,24 @@ def test_ndcg_at_10_uses_graded_gains():
     idcg = 3 / 1 + 1 / torch.log2(torch.tensor(3.0))
     assert abs(m["ndcg_at_10"] - float(dcg / idcg)) < 1e-4
     assert m["mrr_at_10"] == 1.0
+
+
+def test_pseudo_queries_are_seeded_distinct_spans_that_skip_excluded_texts():
+    from elastic.data import normalize_query
+    from training.pseudo_queries import cut_pseudo_queries
+
+    paragraphs = ["the quick brown fox jumps over the lazy dog near the river bank", "too short", "a b c d e f g"]
+    out = cut_pseudo_queries(paragraphs, 30, 2, 5, seed=1)
+    assert out == cut_pseudo_queries(paragraphs, 30, 2, 5, seed=1) != cut_pseudo_queries(paragraphs, 30, 2, 5, seed=2)
+    assert len({normalize_query(q) for q in out}) == 30 and all(2 <= len(q.split()) <= 5 for q in out)
+    joined = [" " + p + " " for p in paragraphs]
+    assert all(any(f" {q} " in p for p in joined) for q in out)  # consecutive words of one paragraph
+    exclude = {normalize_query(q) for q in out[:10]}
+    assert not exclude & {normalize_query(q) for q in cut_pseudo_queries(paragraphs, 20, 2, 5, seed=1, exclude=exclude)}
+    assert cut_pseudo_queries(["<unk> , ( a ) b - <unk> c"], 1, 3, 3, seed=0) == ["a b c"]  # words only
+    with pytest.raises(ValueError, match="cut_pseudo_queries: found 6 distinct spans of 7 wanted"):
+        cut_pseudo_queries(["a b c"], 7, 1, 3, seed=0)  # 3 + 2 + 1 spans exist
+    with pytest.raises(ValueError, match="cut_pseudo_queries: no paragraph of at least 4 words"):
+        cut_pseudo_queries(["a b c"], 1, 4, 6, seed=0)
+    with pytest.raises(ValueError, match=r"need 1 <= min_words <= max_words, got 5, 4"):
+        cut_pseudo_queries(paragraphs, 1, 5, 4, seed=0)

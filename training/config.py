@@ -132,7 +132,12 @@ class QueryDistillConfig:
     level_weight_power: float = _f(0.0, "per-level loss weight w_k ∝ (largest level / k) ** power, mean 1 "
                                    "(training/loop.level_weights): 0 = every SubLM alike (Algorithm 1); 0.5 weights "
                                    "the 5 % SubLM 3.2 times the 50 % one (configs/denser_probes/level_weights.yaml)")
-    seed: int = _f(0, "random seed of batch sampling")
+    pseudo_queries: int = _f(0, "pseudo-queries cut from the WikiText paragraphs of distill.text (never from the "
+                             "collection: it holds the evaluation's judged passages) and added to the training "
+                             "queries (training/pseudo_queries.py; configs/denser_probes/pseudo_queries.yaml); 0 = none")
+    pseudo_query_min_words: int = _f(3, "shortest pseudo-query, in words")
+    pseudo_query_max_words: int = _f(10, "longest pseudo-query, in words (lengths uniform in between)")
+    seed: int = _f(0, "random seed of batch sampling and of cutting pseudo-queries")
 
 
 @dataclass
@@ -382,6 +387,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config query_distill.cos_weight / kd_weight: must be >= 0 and not both 0")
     if qd.token_weight < 0:
         raise ValueError(f"config query_distill.token_weight: must be >= 0 (0 = off), got {qd.token_weight}")
+    if qd.pseudo_queries < 0:
+        raise ValueError(f"config query_distill.pseudo_queries: must be >= 0 (0 = none), got {qd.pseudo_queries}")
+    if not 1 <= qd.pseudo_query_min_words <= qd.pseudo_query_max_words:
+        raise ValueError("config query_distill.pseudo_query_min_words / pseudo_query_max_words: need 1 <= min <= max, "
+                         f"got {qd.pseudo_query_min_words}, {qd.pseudo_query_max_words}")
     if qd.level_weight_power < 0:
         raise ValueError(f"config query_distill.level_weight_power: must be >= 0 (0 = uniform), got {qd.level_weight_power}")
     if qd.length_window < 0:

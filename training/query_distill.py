@@ -9,7 +9,8 @@ holds the teacher's passage embeddings.
 Serving retrieves with a SubLM's query embedding from an index that one encoder filled once.
 When that encoder is the teacher, the best a SubLM can do is to put its query where the
 teacher's query is. So every SubLM k learns, on label-free queries (every file of
-``data.train_queries``), two things against the fixed teacher index P (N, d):
+``data.train_queries``, plus ``pseudo_queries`` spans of WikiText when asked for), two things
+against the fixed teacher index P (N, d):
 
 - where: ``cos_weight · (1 - cos(s_k(q), t(q)))``, the teacher's query embedding t(q) as the
   target (label-free embedding matching: Wang & Lyu 2023; EmbedDistill, Kim et al. 2023);
@@ -172,7 +173,7 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
     student = ElasticEncoder(src)
     teacher = ElasticEncoder(teacher_path(cfg))
     check_pair(student, teacher, same_hidden=True)
-    side = teacher_side(cfg, teacher)
+    side = teacher_side(cfg, teacher, pseudo=True)
     top = teacher_candidates(side, qd.candidates, cfg.run / "teacher" / f"top{qd.candidates}.pt")
     device = resolve_device(cfg.train.device)
     if qd.token_weight > 0:
@@ -193,10 +194,15 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
     qkey = asdict(qd)
     if qkey["token_weight"] == 0:  # added later; at its default, stages finished before it are still done
         del qkey["token_weight"]
+    if qkey["pseudo_queries"] == 0:  # likewise
+        for k in ("pseudo_queries", "pseudo_query_min_words", "pseudo_query_max_words"):
+            del qkey[k]
     weights = level_weights(student.levels, qkey.pop("level_weight_power"))  # likewise: the loop keys non-uniform ones
     key = {"stage": "query_distill", "query_distill": qkey, "src": fingerprint(src),
            "teacher": str(teacher_path(cfg)), "data": [cfg.data.collection, *cfg.data.train_queries],
            "encode": asdict(cfg.encode)}
+    if qd.pseudo_queries:
+        key["pseudo_text"] = list(cfg.distill.text)
     objective = QueryDistillObjective(student, side, top, cfg, device, teacher)
     records = train_elastic(student.model, student.levels, sample, objective, lc, workdir, key, device, desc, weights)
     student.model.to("cpu")
