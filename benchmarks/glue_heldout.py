@@ -8,7 +8,8 @@ recipes need not be read off the dev sets that report them.
 
 Rows of the file whose first text is among the task's training texts (``glue.data_dir``, before
 any subsampling) are dropped first. Every model of each recipe (``benchmarks.glue.systems``) is
-scored with the task's metrics (``elastic.glue.score``, scikit-learn / scipy). Writes a JSON
+scored once per level (a model whose bytes an earlier recipe had, e.g. a shared teacher, is not
+scored again) with the task's metrics (``elastic.glue.score``, scikit-learn / scipy). Writes a JSON
 object {task, file, n, rows: [{config, system, level, <metric>: 0-100, ...}]} and prints a
 markdown table.
 """
@@ -23,6 +24,7 @@ from benchmarks.glue import systems
 from elastic.classifier import GlueModel
 from elastic.glue import get_task, predictions, read_glue, score, task_file
 from training.config import load_config
+from training.distill import fingerprint
 
 
 def main() -> None:
@@ -41,14 +43,15 @@ def main() -> None:
     rows, done = [], set()
     for path, cfg in zip(a.config, cfgs):
         for system, model_dir, level in systems(cfg, a.task):
-            if system != "elastic" and (system, level) in done:
-                continue  # the same teacher and static models as an earlier recipe
+            seen_as = (fingerprint(model_dir), level)
+            if seen_as in done:
+                continue  # the same model as an earlier recipe's (a shared teacher, a copied static level)
             model = GlueModel(model_dir, task)
             lv = level if level is not None else model.levels[0]
             s = score(task, predictions(task, model.predict_logits(held.text_a, held.text_b, lv, cfg.glue.eval_batch_size)),
                       held.labels)
             rows.append({"config": path, "system": system, "level": level, **{k: round(v, 2) for k, v in s.items()}})
-            done.add((system, level))
+            done.add(seen_as)
             print(f"[glue_heldout] {path} {system} {level}: {s[task.metric]:.2f}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"task": a.task, "file": str(a.file), "n": len(held), "rows": rows}, indent=1) + "\n")

@@ -157,7 +157,8 @@ def _stage_key(cfg: RecipeConfig, task: GlueTask, stage: str, init: Path, teache
         g.pop(k)
     if g["pooling"] == "cls":  # added later; at its default, stages finished before it are still done
         del g["pooling"]
-    if stage != "elastic" or g.get("level_weight_power") == 0.0:  # likewise; and it weighs the elastic run alone
+    # likewise; it weighs the elastic run alone (a teacher's key has dropped it with STUDENT_ONLY)
+    if stage != "elastic" or g.get("level_weight_power") == 0.0:
         g.pop("level_weight_power", None)
     return {"stage": stage, "task": task.name, "glue": g, "init": fingerprint(init),
             "teacher": fingerprint(teacher) if teacher is not None else None}

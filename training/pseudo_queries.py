@@ -4,8 +4,8 @@ distillation (issue "retention in the small SubLMs", item 2: all the query text 
 A pseudo-query is a span of ``min_words``..``max_words`` consecutive words (length uniform) at a
 uniform position of a uniformly drawn paragraph. Words are whitespace tokens holding a letter or a
 digit: punctuation tokens and WikiText's ``<unk>`` are dropped first, since queries have little
-punctuation and no unknown-word marker; its only target is the teacher's own embedding
-and ranking, as for the real questions. The source is ``distill.text`` (WikiText-2), never the
+punctuation and no unknown-word marker. A pseudo-query's only targets are the teacher's own
+embedding and ranking, as for the real questions. The source is ``distill.text`` (WikiText-2), never the
 passage collection: the evaluation's judged passages are in the collection, and spans of them
 would train the query encoder on the evaluation's answers.
 """

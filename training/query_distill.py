@@ -25,8 +25,9 @@ against the fixed teacher index P (N, d):
 
 Every SubLM trains at every step (Algorithm 1, training/loop.py), its loss weighted by
 ``level_weight_power`` (0: alike; > 0: the small SubLMs more, training/loop.level_weights).
-Nothing is encoded on the passage side during training: the teacher's passage and query embeddings are computed once per
-run (training/teacher.py), so a step costs K forward/backward passes of short queries only.
+Nothing is encoded on the passage side during training: the teacher's passage and query
+embeddings are computed once per run (training/teacher.py), so a step costs K forward/backward
+passes of short queries only.
 """
 
 from __future__ import annotations
