@@ -74,7 +74,18 @@ at most the cycle under way before its own:
 level whose full batches take more than T/2 carry a rate that it keeps up with but not within T;
 static 30 % at 200 req/s, which that form allowed, kept only 0.89 of requests within 50 ms.)
 
-The deadline rule picks the largest k that meets all three. If no level meets them, the smallest
+Near the stack's last capacity the rate bound is a gamble. A larger level at utilization near
+ρ_max rides out a Poisson burst only by stepping down to a smaller one for the batches the burst
+lasts, and that works while the smallest SubLM has time to spare. In the SLO sweep of
+2026-11-22 (README "Under load"), ρ_max 1.0 held 0.984-0.992 of requests within T at 200-300
+req/s, but only 0.930 at 400 req/s, where static 5 % held 0.995-1.000. ρ_max 0.7 held 400 req/s
+and gave up 0.06 effective MRR@10 at 300. So an optional spare margin σ (``min_spare``; 0 = off)
+looks at the smallest level's utilization at full batches:
+
+       u_min = λ · (c̄·t_min(b_max) + o) / (b_max · 1000 ms/s)
+       a level above the smallest needs u_min <= 1 - σ                       (spare bound)
+
+The deadline rule picks the largest k that meets all of these. If no level meets them, the smallest
 level serves whatever was not shed.
 
 Everything here is pure: no TorchServe, no clock, no I/O. The serving core passes the ages, g,
@@ -176,7 +187,8 @@ class Plan:
         level: preserving level (percent) that serves the batch; None when every request is shed.
         serve: per request of the batch, True = compute it, False = shed it (503).
         predicted_ms: predicted processing time c·t_k(b) of the served part (0 when none).
-        limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate"),
+        limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate",
+            "spare"),
             or those the smallest failed when none met them all; empty when the largest level
             serves. Counted by the server, so ops can see what holds the level down.
     """
@@ -223,7 +235,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                max_batch: int, overhead_ms: float = 0.0, correction: float | Mapping[int, float] = 1.0,
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
-               mean_correction: float | Mapping[int, float] | None = None) -> Plan:
+               mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0) -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:
@@ -245,13 +257,16 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         arrival_rate_rps: λ, requests per second arriving lately (0 = unknown: no rate bound).
         max_utilization: ρ_max in (0, 1], the share of the worker's time the chosen level may fill
             at rate λ in the rate bound (deadline rule only).
+        min_spare: σ in [0, 1), the spare bound (module docstring): a level above the smallest
+            is chosen only while the smallest would fill at most 1 - σ of the worker's time at
+            rate λ (deadline rule with λ > 0 only; 0 = off).
 
     Returns:
         A Plan; ``serve`` has one flag per entry of ``ages_ms``.
 
     Raises:
         ValueError: an empty batch, a bad rule / late policy / pinned level, a negative age, or
-            g < 0, T <= 0, o < 0, or more requests than max_batch.
+            g < 0, T <= 0, o < 0, more requests than max_batch, or min_spare outside [0, 1).
     """
     if not ages_ms:
         raise ValueError("ages_ms: the batch is empty")
@@ -266,6 +281,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
     if arrival_rate_rps < 0 or not 0 < max_utilization <= 1:
         raise ValueError(f"arrival_rate_rps must be >= 0 and max_utilization in (0, 1], got {arrival_rate_rps}, "
                          f"{max_utilization}")
+    if not 0 <= min_spare < 1:
+        raise ValueError(f"min_spare must be in [0, 1), got {min_spare}")
     if min(ages_ms) < 0:
         raise ValueError(f"ages_ms must be >= 0, got {min(ages_ms)}")
     _check(queue_size, latency_constraint_ms, overhead_ms, len(ages_ms), max_batch)
@@ -289,6 +306,11 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         return Plan(None, tuple(serve), 0.0)
     oldest = max(a for a, s in zip(ages_ms, serve) if s)
 
+    spare_ok = True  # the spare bound: one test for every level above the smallest
+    if rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0:
+        u_min = arrival_rate_rps * (cm_of[smallest] * cal.t(smallest, max_batch) + o) / (max_batch * 1000)
+        spare_ok = u_min <= 1 - min_spare
+
     chosen, failed = smallest, ()
     for level in levels:
         c, cm = c_of[level], cm_of[level]
@@ -299,10 +321,12 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         if rule == "deadline" and arrival_rate_rps > 0:
             cycle = steady_cycle_ms(arrival_rate_rps, cal, level, max_batch, o, cm, max_utilization)
             rate_ok = cycle is not None and 2 * cycle <= T
-        if queue_ok and own_ok and rate_ok:
+        level_spare_ok = spare_ok or level == smallest
+        if queue_ok and own_ok and rate_ok and level_spare_ok:
             chosen = level
             break
-        failed = tuple(name for name, ok in (("deadline", own_ok), ("queue", queue_ok), ("rate", rate_ok)) if not ok)
+        failed = tuple(name for name, ok in (("deadline", own_ok), ("queue", queue_ok), ("rate", rate_ok),
+                                             ("spare", level_spare_ok)) if not ok)
     return Plan(chosen, tuple(serve), c_of[chosen] * cal.t(chosen, b), failed)
 
 

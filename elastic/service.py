@@ -74,6 +74,10 @@ class HandlerSettings:
             up 0.03-0.07 effective MRR@10 at 200-300 req/s for no better within-T minimum there,
             but held T better at 400 req/s (0.984-0.996 against 0.930), near the smallest
             SubLM's own capacity.
+        min_spare: σ of the deadline rule's spare bound, in [0, 1): a SubLM above the smallest
+            is chosen only while the smallest, at the arrival rate and at full batches, would
+            leave at least this share of the worker's time spare; near the stack's last
+            capacity no smaller level is left to absorb a burst (elastic/schedule.py). 0 = off.
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
@@ -117,6 +121,7 @@ class HandlerSettings:
     late_requests: str = "shed"
     pin_level: Optional[int] = None
     max_utilization: float = 1.0
+    min_spare: float = 0.0
     deadline_quantile: float = 0.98
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
@@ -180,6 +185,8 @@ class HandlerSettings:
             raise ValueError(f"handler.late_requests: expected one of {list(LATE_POLICIES)}, got {s.late_requests!r}")
         if not 0 < s.max_utilization <= 1:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
+        if not 0 <= s.min_spare < 1:
+            raise ValueError(f"handler.min_spare: must be in [0, 1), got {s.min_spare}")
         if not -20 <= s.worker_nice <= 19:
             raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
@@ -455,7 +462,7 @@ class ElasticServer:
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
                          "request_start_ignored": 0}
-        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0}  # batches held below the largest level
+        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0}  # batches held below the largest level
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
         self._last_end: float | None = None  # perf_counter seconds
         self._last_waiting = False
@@ -663,7 +670,7 @@ class ElasticServer:
             c, cm = self._corrections(start)
             plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
                               c, s.schedule, s.late_requests, s.pin_level, self._arrival_rate(start, n),
-                              s.max_utilization, cm)
+                              s.max_utilization, cm, s.min_spare)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
                 self.limited_by[name] += 1
@@ -724,6 +731,7 @@ class ElasticServer:
             "level_corrections": {str(k): {"c": round(lc.value, 3), "mean": round(lc.mean, 3), "batches": lc.count}
                                   for k, lc in self.level_correction.items()},
             "max_utilization": self.settings.max_utilization,
+            "min_spare": self.settings.min_spare,
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
             "limited_by": dict(self.limited_by),

@@ -234,6 +234,29 @@ def test_rate_bound_keeps_up_with_the_arrival_rate():
         plan_batch([0.0], 0, 100.0, cal, 8, max_utilization=0.0)
 
 
+def test_spare_bound_serves_the_smallest_level_near_its_capacity():
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 5: (2.0, 6.0)})
+    # o = 2: at full batches 5 % costs (6 + 2) / 8 = 1 ms per request, so u_min = rate / 1000.
+    # rho_max = 1: 50 % keeps up to 400 req/s, 20 % to 666. sigma = 0.4 lets a larger level serve while
+    # u_min <= 0.6 (600 req/s), and only the smallest above it
+    def level(rate, sigma, **kw):
+        return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=sigma, **kw)
+
+    assert [level(r, 0.0).level for r in (500, 600, 601, 666, 667)] == [20, 20, 20, 20, 5]
+    assert [level(r, 0.4).level for r in (500, 600, 601, 666, 667)] == [20, 20, 5, 5, 5]
+    assert level(601, 0.4).limited_by == ("spare",)  # 20 % met every other bound
+    # c_mean of the smallest level counts: 1.5 makes u_min = rate * 11 / 8000, over 0.6 at 437 req/s
+    assert level(437, 0.4, correction={50: 1.0, 20: 1.0, 5: 1.5}, mean_correction={50: 1.0, 20: 1.0, 5: 1.5}).level == 5
+    assert level(436, 0.4, correction={50: 1.0, 20: 1.0, 5: 1.5}, mean_correction={50: 1.0, 20: 1.0, 5: 1.5}).level == 20
+    # unknown rate, the paper's rule and a pinned level know nothing of it
+    assert level(0, 0.9).level == 50
+    assert level(2000, 0.4, rule="paper").level == 50
+    assert level(2000, 0.4, pin_level=20).level == 20
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_spare must be in \\[0, 1\\)"):
+            level(100, bad)
+
+
 def test_rate_bound_needs_the_settled_cycle_within_half_of_T():
     from elastic.schedule import steady_cycle_ms
 

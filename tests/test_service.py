@@ -58,6 +58,8 @@ def test_settings_validation_names_the_field():
     ("request_start_max_age_ms", -1, "handler.request_start_max_age_ms: must be > 0"),
     ("worker_nice", -21, r"handler.worker_nice: must be in \[-20, 19\], got -21"),
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
+    ("min_spare", 1, r"handler.min_spare: must be in \[0, 1\), got 1.0"),
+    ("max_utilization", 0, r"handler.max_utilization: must be in \(0, 1\], got 0.0"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg):
