@@ -78,6 +78,10 @@ class HandlerSettings:
             is chosen only while the smallest, at the arrival rate and at full batches, would
             leave at least this share of the worker's time spare; near the stack's last
             capacity no smaller level is left to absorb a burst (elastic/schedule.py). 0 = off.
+            0.4 by the probe in README "Under load" (slo_probes/min-spare/, 3 runs a point):
+            the lowest within T rose from 0.972 to 0.988 at 300 req/s and from 0.951 to 0.988
+            at 400 against 0 (off), at the same effective MRR@10 at 300 req/s; 0.55 stepped
+            down to 5-16 % at 300 req/s already.
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
@@ -121,7 +125,7 @@ class HandlerSettings:
     late_requests: str = "shed"
     pin_level: Optional[int] = None
     max_utilization: float = 1.0
-    min_spare: float = 0.0
+    min_spare: float = 0.4
     deadline_quantile: float = 0.98
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
