@@ -19,6 +19,10 @@ from collections import deque
 
 from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, level_corrections, parse_request_start,
                              plan_batch)
+from elastic.service import HandlerSettings
+
+
+HANDLER_DEFAULTS = HandlerSettings(latency_constraint_ms=50.0)  # the shipped settings (min_spare, ...)
 
 
 def main() -> None:
@@ -46,7 +50,8 @@ def main() -> None:
         ages = [x if x is not None else estimate_age_ms(0.33, history, 3.0) for x in ages]
         rate = (sum(b for _, _, b in history) + a.batch) / 0.32
         c, cm = level_corrections(corr, per_level, cal, 20)
-        plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm)
+        plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm,
+                          min_spare=HANDLER_DEFAULTS.min_spare)
         corr.observe(cal.t(plan.level, a.batch), 5.5, 0.0, a.batch)
         per_level[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))
