@@ -40,10 +40,12 @@ def main() -> None:
     seen = set(read_glue(task_file(cfgs[0].glue.data_dir, task, "train"), task).text_a)
     held = held.subset([i for i, t in enumerate(held.text_a) if t not in seen])
     print(f"[glue_heldout] {a.file}: {len(held)} rows not among {a.task}'s training texts", flush=True)
-    rows, done = [], set()
+    rows, done, prints = [], set(), {}
     for path, cfg in zip(a.config, cfgs):
         for system, model_dir, level in systems(cfg, a.task):
-            seen_as = (fingerprint(model_dir), level)
+            if model_dir not in prints:  # one hash of a model's files, not one per level
+                prints[model_dir] = fingerprint(model_dir)
+            seen_as = (prints[model_dir], level)
             if seen_as in done:
                 continue  # the same model as an earlier recipe's (a shared teacher, a copied static level)
             model = GlueModel(model_dir, task)

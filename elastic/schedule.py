@@ -219,6 +219,13 @@ def _check(queue_size: int, latency_constraint_ms: float, overhead_ms: float, ba
         raise ValueError(f"batch must be in 1..max_batch={max_batch}, got {batch}")
 
 
+def keeps_up(arrival_rate_rps: float, cycle_ms: float, batch: int, max_utilization: float) -> bool:
+    """λ·C(b) <= ρ·b·1000: cycles of ``cycle_ms`` serving ``batch`` requests each keep up with
+    ``arrival_rate_rps`` (req/s) while filling at most ``max_utilization`` of the worker's time
+    (the rate bound's and the spare bound's test, module docstring)."""
+    return arrival_rate_rps * cycle_ms <= max_utilization * batch * 1000
+
+
 def steady_cycle_ms(arrival_rate_rps: float, cal: Calibration, level: int, max_batch: int, overhead_ms: float,
                     mean_correction: float, max_utilization: float) -> float | None:
     """C(b_s) of the rate bound (module docstring): the cycle c̄·t_k(b) + o in ms at the smallest
@@ -227,12 +234,12 @@ def steady_cycle_ms(arrival_rate_rps: float, cal: Calibration, level: int, max_b
     def cycle(b: int) -> float:
         return mean_correction * cal.t(level, b) + overhead_ms
 
-    def keeps_up(b: int) -> bool:
-        return arrival_rate_rps * cycle(b) <= max_utilization * b * 1000
+    def fits(b: int) -> bool:
+        return keeps_up(arrival_rate_rps, cycle(b), b, max_utilization)
 
-    if not keeps_up(max_batch):  # per-request cost falls with b: full batches are the last chance
+    if not fits(max_batch):  # per-request cost falls with b: full batches are the last chance
         return None
-    return cycle(next(b for b in range(1, max_batch + 1) if keeps_up(b)))
+    return cycle(next(b for b in range(1, max_batch + 1) if fits(b)))
 
 
 def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms: float, cal: Calibration,
@@ -310,10 +317,9 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         return Plan(None, tuple(serve), 0.0)
     oldest = max(a for a, s in zip(ages_ms, serve) if s)
 
-    spare_ok = True  # the spare bound: one test for every level above the smallest
-    if rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0:
-        u_min = arrival_rate_rps * (cm_of[smallest] * cal.t(smallest, max_batch) + o) / (max_batch * 1000)
-        spare_ok = u_min <= 1 - min_spare
+    # the spare bound, one test for every level above the smallest: u_min <= 1 - σ at full batches
+    spare_ok = not (rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0) or keeps_up(
+        arrival_rate_rps, cm_of[smallest] * cal.t(smallest, max_batch) + o, max_batch, 1 - min_spare)
 
     chosen, failed = smallest, ()
     for level in levels:

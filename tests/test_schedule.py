@@ -246,8 +246,9 @@ def test_spare_bound_serves_the_smallest_level_near_its_capacity():
     assert [level(r, 0.4).level for r in (500, 600, 601, 666, 667)] == [20, 20, 5, 5, 5]
     assert level(601, 0.4).limited_by == ("spare",)  # 20 % met every other bound
     # c_mean of the smallest level counts: 1.5 makes u_min = rate * 11 / 8000, over 0.6 at 437 req/s
-    assert level(437, 0.4, correction={50: 1.0, 20: 1.0, 5: 1.5}, mean_correction={50: 1.0, 20: 1.0, 5: 1.5}).level == 5
-    assert level(436, 0.4, correction={50: 1.0, 20: 1.0, 5: 1.5}, mean_correction={50: 1.0, 20: 1.0, 5: 1.5}).level == 20
+    slow5 = {50: 1.0, 20: 1.0, 5: 1.5}
+    assert level(437, 0.4, correction=slow5, mean_correction=slow5).level == 5
+    assert level(436, 0.4, correction=slow5, mean_correction=slow5).level == 20
     # unknown rate, the paper's rule and a pinned level know nothing of it
     assert level(0, 0.9).level == 50
     assert level(2000, 0.4, rule="paper").level == 50
