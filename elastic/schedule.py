@@ -24,11 +24,17 @@ the measured p99 at 1.2-2.6 T:
    delay). Each request i carries its age a_i: from the ``X-Request-Start`` header that load
    balancers set, else an estimate (``estimate_age_ms``). Its own deadline must hold:
 
-       max_i a_i + c·t_k(b) + o/2 <= T                                       (own deadline)
+       max_i a_i + c·t_k(b) + r·o <= T                                       (own deadline)
 
-   o is the gap between consecutive batches while requests wait: the answer's way back to the
-   frontend plus the next batch's way to the worker. Only the first half lies between the
-   handler's end and the client, hence o/2 (the age already holds the way in).
+   a_i is taken when the level is chosen, so it holds the handler's own time before the model
+   (parsing, tokenizing). o is the gap between consecutive batches while requests wait: the
+   answer's way back to the frontend plus the next batch's way to the worker. r·o budgets the
+   answer's way back from the handler to the client (r: ``return_share``). An earlier form took
+   r = 1/2, reasoning that the gap splits evenly between the two ways. Measured, it does not:
+   in the raw runs of an SLO probe (``python -m benchmarks.way_back``, benchmarks/results/
+   way_back.md) the way back is most of the gap at full batches and outlasts half of it in most
+   batches, because the frontend writes the answers while the worker already runs the next batch.
+   The handler's default r is 1 (README "Under load").
 
 2. The calibrated t_k was measured on an idle worker. Under load the frontend shares the core and
    the machine is noisy, so the schedule multiplies t_k by corrections learned online from
@@ -48,7 +54,7 @@ the measured p99 at 1.2-2.6 T:
    request for the static levels at 300 req/s (``python -m benchmarks.batch_excess --rates 300``,
    benchmarks/results/batch_excess.md).
 
-3. A request that cannot meet T even at the smallest SubLM (c̄·t_min + o/2 after its age) is
+3. A request that cannot meet T even at the smallest SubLM (c̄·t_min + r·o after its age) is
    better answered at once with 503
    (and Retry-After) than late. Its computation would only delay everyone behind it. Such
    requests are shed, oldest first, until the rest fit at the smallest level; a request already
@@ -246,7 +252,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                max_batch: int, overhead_ms: float = 0.0, correction: float | Mapping[int, float] = 1.0,
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
-               mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0) -> Plan:
+               mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0,
+               return_share: float = 1.0) -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:
@@ -271,13 +278,16 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         min_spare: σ in [0, 1), the spare bound (module docstring): a level above the smallest
             is chosen only while the smallest would fill at most 1 - σ of the worker's time at
             rate λ (deadline rule with λ > 0 only; 0 = off).
+        return_share: r in [0, 2], the share of o budgeted for an answer's way back from the
+            handler to the client (own deadline and shedding; module docstring).
 
     Returns:
         A Plan; ``serve`` has one flag per entry of ``ages_ms``.
 
     Raises:
         ValueError: an empty batch, a bad rule / late policy / pinned level, a negative age, or
-            g < 0, T <= 0, o < 0, more requests than max_batch, or min_spare outside [0, 1).
+            g < 0, T <= 0, o < 0, more requests than max_batch, min_spare outside [0, 1), or
+            return_share outside [0, 2].
     """
     if not ages_ms:
         raise ValueError("ages_ms: the batch is empty")
@@ -294,10 +304,13 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                          f"{max_utilization}")
     if not 0 <= min_spare < 1:
         raise ValueError(f"min_spare must be in [0, 1), got {min_spare}")
+    if not 0 <= return_share <= 2:
+        raise ValueError(f"return_share must be in [0, 2], got {return_share}")
     if min(ages_ms) < 0:
         raise ValueError(f"ages_ms must be >= 0, got {min(ages_ms)}")
     _check(queue_size, latency_constraint_ms, overhead_ms, len(ages_ms), max_batch)
     T, o = latency_constraint_ms, overhead_ms
+    way_back = return_share * o  # ms from the handler's end to the client (own deadline, shedding)
     if rule == "paper":
         c_of = cm_of = {k: 1.0 for k in cal.ms}
     levels = [pin_level] if pin_level is not None else sorted(cal.ms, reverse=True)
@@ -308,7 +321,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         by_age = sorted(range(len(ages_ms)), key=lambda i: ages_ms[i], reverse=True)
         n = len(ages_ms)
         for i in by_age:
-            if ages_ms[i] + cm_of[smallest] * cal.t(smallest, n) + o / 2 <= T:
+            if ages_ms[i] + cm_of[smallest] * cal.t(smallest, n) + way_back <= T:
                 break
             serve[i] = False
             n -= 1
@@ -326,7 +339,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         c, cm = c_of[level], cm_of[level]
         queue_ok = expected_latency_ms(queue_size, cm * cal.t(level, b) + o, cm * cal.t(level, max_batch) + o,
                                        max_batch) <= T
-        own_ok = rule == "paper" or oldest + c * cal.t(level, b) + o / 2 <= T
+        own_ok = rule == "paper" or oldest + c * cal.t(level, b) + way_back <= T
         rate_ok = True
         if rule == "deadline" and arrival_rate_rps > 0:
             cycle = steady_cycle_ms(arrival_rate_rps, cal, level, max_batch, o, cm, max_utilization)

@@ -88,6 +88,12 @@ class HandlerSettings:
             longer after it (0.99 is about the largest ratio of the window). 0.98 by the probes
             in README "Under load": 0.9 kept 0.983-0.988 of requests within T at 100-200 req/s,
             0.95 kept 0.989-0.999 at 100-300 req/s.
+        return_share: r in [0, 2], the share of the per-batch overhead o (the gap between
+            batches while requests wait) that a batch's own deadline and shedding budget for an
+            answer's way back from the handler to the client. 1.0 by the way-back measurement in
+            README "Under load" (benchmarks/results/way_back.md): the way back is most of the gap
+            at full batches, since the frontend writes the answers while the worker runs the next
+            batch; the earlier 0.5 assumed an even split.
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
@@ -127,6 +133,7 @@ class HandlerSettings:
     max_utilization: float = 1.0
     min_spare: float = 0.4
     deadline_quantile: float = 0.98
+    return_share: float = 1.0
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
     request_start_max_age_ms: float = 60_000.0
@@ -195,6 +202,8 @@ class HandlerSettings:
             raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
             raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
+        if not 0 <= s.return_share <= 2:
+            raise ValueError(f"handler.return_share: must be in [0, 2], got {s.return_share}")
         if not (s.metrics_interval_s > 0 and math.isfinite(s.metrics_interval_s)):
             raise ValueError("handler.metrics_interval_s: must be a positive number of seconds, "
                              f"got {s.metrics_interval_s}")
@@ -670,11 +679,12 @@ class ElasticServer:
         level, served, shed, past_T, predicted, model_ms = None, 0, 0, 0, 0.0, 0.0
         if items:
             s = self.settings
-            ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)
+            ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)  # at the batch's start
             c, cm = self._corrections(start)
-            plan = plan_batch(ages, g, s.latency_constraint_ms, self.calibration, self.max_batch, self.overhead_ms,
-                              c, s.schedule, s.late_requests, s.pin_level, self._arrival_rate(start, n),
-                              s.max_utilization, cm, s.min_spare)
+            spent = (time.perf_counter() - start) * 1000  # this batch's handler time so far (parsing, tokenizing)
+            plan = plan_batch([a + spent for a in ages], g, s.latency_constraint_ms, self.calibration,
+                              self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
+                              self._arrival_rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
                 self.limited_by[name] += 1
@@ -736,6 +746,7 @@ class ElasticServer:
                                   for k, lc in self.level_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
+            "return_share": self.settings.return_share,
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
             "limited_by": dict(self.limited_by),

@@ -60,6 +60,7 @@ def test_settings_validation_names_the_field():
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
     ("min_spare", 1, r"handler.min_spare: must be in \[0, 1\), got 1.0"),
     ("max_utilization", 0, r"handler.max_utilization: must be in \(0, 1\], got 0.0"),
+    ("return_share", 3, r"handler.return_share: must be in \[0, 2\], got 3.0"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg):
@@ -256,6 +257,28 @@ def test_age_lowers_the_level(retriever, monkeypatch):
     # room for 30 but not 50
     out = retriever.handle_batch([{"query": "old but in time"}], [now_header(0.6 * T)])
     assert out[0].status == 200 and out[0].payload["level"] == 30
+
+
+def test_the_handler_s_own_time_before_the_model_counts_in_the_age(retriever, monkeypatch):
+    # tokenizing that takes 20 % of T is time the request has spent: with an age of 0.4 T at the
+    # batch's start, 50 % (t_50 = 0.5 T) still fits before it and no longer after it
+    T = retriever.settings.latency_constraint_ms
+    cal = Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
+    fix_schedule_inputs(monkeypatch, retriever, cal)
+    out = retriever.handle_batch([{"query": "quick to parse"}], [now_header(0.4 * T)])
+    assert out[0].status == 200 and out[0].payload["level"] == 50
+    prepare = retriever._prepare
+
+    def slow_prepare(bodies):
+        time.sleep(0.2 * T / 1000)
+        return prepare(bodies)
+
+    monkeypatch.setattr(retriever, "_prepare", slow_prepare)
+    out = retriever.handle_batch([{"query": "slow to parse"}], [now_header(0.4 * T)])
+    assert out[0].status == 200 and out[0].payload["level"] == 30
+    # Server-Timing's wait is still the age when the batch began
+    wait = float(re.search(r"wait;dur=([0-9.]+)", out[0].headers["Server-Timing"]).group(1))
+    assert 0.4 * T <= wait < 0.55 * T
 
 
 @pytest.mark.parametrize("value", ["soon", "t=abc", f"t={time.time() + 3600:.3f}", f"t={time.time() - 3 * 3600:.3f}",
