@@ -29,12 +29,14 @@ the measured p99 at 1.2-2.6 T:
    a_i is taken when the level is chosen, so it holds the handler's own time before the model
    (parsing, tokenizing). o is the gap between consecutive batches while requests wait: the
    answer's way back to the frontend plus the next batch's way to the worker. r·o budgets the
-   answer's way back from the handler to the client (r: ``return_share``). An earlier form took
-   r = 1/2, reasoning that the gap splits evenly between the two ways. Measured, it does not:
-   in the raw runs of an SLO probe (``python -m benchmarks.way_back``, benchmarks/results/
-   way_back.md) the way back is most of the gap at full batches and outlasts half of it in most
-   batches, because the frontend writes the answers while the worker already runs the next batch.
-   The handler's default r is 1 (README "Under load").
+   answer's way back from the handler to the client (r: ``return_share``, 1/2 by default: the
+   gap taken as split evenly between the two ways). Measured, it does not split evenly: in the
+   raw runs of an SLO probe (``python -m benchmarks.way_back``, benchmarks/results/slo_probes/
+   return-share/way_back.md) the way back grows with the batch, from 1.4-2.3 ms at p50 for
+   batches of 1-2 to 3.7-8.5 ms for batches of 7-8 against o of 4.0-5.1 ms, because the
+   frontend writes a batch's answers while the worker already runs the next one. Yet budgeting
+   the whole gap (r = 1) in the same probe shed 3-6 times as many requests at 100 req/s and
+   kept no more of them within T (README "Under load", "The way back"), so r stays 1/2.
 
 2. The calibrated t_k was measured on an idle worker. Under load the frontend shares the core and
    the machine is noisy, so the schedule multiplies t_k by corrections learned online from
@@ -253,7 +255,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
                mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0,
-               return_share: float = 1.0) -> Plan:
+               return_share: float = 0.5) -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:

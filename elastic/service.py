@@ -90,10 +90,10 @@ class HandlerSettings:
             0.95 kept 0.989-0.999 at 100-300 req/s.
         return_share: r in [0, 2], the share of the per-batch overhead o (the gap between
             batches while requests wait) that a batch's own deadline and shedding budget for an
-            answer's way back from the handler to the client. 1.0 by the way-back measurement in
-            README "Under load" (benchmarks/results/way_back.md): the way back is most of the gap
-            at full batches, since the frontend writes the answers while the worker runs the next
-            batch; the earlier 0.5 assumed an even split.
+            answer's way back from the handler to the client. 0.5 (an even split of the gap
+            between the two ways). The probe in README "Under load" ("The way back",
+            slo_probes/return-share/) measured a way back near o at full batches, but 1.0 shed
+            3-6 times as many requests at 100 req/s and kept no more within T.
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
@@ -133,7 +133,7 @@ class HandlerSettings:
     max_utilization: float = 1.0
     min_spare: float = 0.4
     deadline_quantile: float = 0.98
-    return_share: float = 1.0
+    return_share: float = 0.5
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
     request_start_max_age_ms: float = 60_000.0

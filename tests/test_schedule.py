@@ -334,17 +334,17 @@ def test_calibration_table_lookup_equals_interpolation():
 
 
 def test_the_way_back_is_budgeted_as_return_share_of_the_overhead():
-    # o = 8 ms, age 35, T = 50: level 50 needs 35 + 10 + r·8 <= 50, so r = 1 (the default, the
-    # whole gap: 53) leaves 30 % (35 + 6 + 8 = 49) and r = 0.5 (the earlier o/2: 49) keeps 50 %
-    assert plan_batch([35.0], 0, 50.0, CAL, 1, overhead_ms=8.0).level == 30
-    assert plan_batch([35.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=0.5).level == 50
-    assert plan_batch([35.0], 0, 50.0, CAL, 1, overhead_ms=8.0).limited_by == ("deadline",)
-    # shedding budgets the same way back: 41 + t_10 (2) + r·8 > 50 at r = 1, <= 50 at r = 0.5
-    assert plan_batch([41.0], 0, 50.0, CAL, 1, overhead_ms=8.0).serve == (False,)
-    assert plan_batch([41.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=0.5).serve == (True,)
-    # r = 0: no way back at all (39 + 10 <= 50), against 39 + 2 + 8 at r = 1
-    assert plan_batch([39.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=0.0).level == 50
-    assert plan_batch([39.0], 0, 50.0, CAL, 1, overhead_ms=8.0).level == 10
+    # o = 8 ms, age 35, T = 50: level 50 needs 35 + 10 + r·8 <= 50, so r = 0.5 (the default,
+    # o/2: 49) keeps 50 % and r = 1 (the whole gap: 53) leaves 30 % (35 + 6 + 8 = 49)
+    assert plan_batch([35.0], 0, 50.0, CAL, 1, overhead_ms=8.0).level == 50
+    plan = plan_batch([35.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=1.0)
+    assert plan.level == 30 and plan.limited_by == ("deadline",)
+    # shedding budgets the same way back: 41 + t_10 (2) + r·8 <= 50 at r = 0.5, > 50 at r = 1
+    assert plan_batch([41.0], 0, 50.0, CAL, 1, overhead_ms=8.0).serve == (True,)
+    assert plan_batch([41.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=1.0).serve == (False,)
+    # r = 0: no way back at all (43 + 6 <= 50), against 43 + 2 + 4 at r = 0.5
+    assert plan_batch([43.0], 0, 50.0, CAL, 1, overhead_ms=8.0, return_share=0.0).level == 30
+    assert plan_batch([43.0], 0, 50.0, CAL, 1, overhead_ms=8.0).level == 10
     for bad in (-0.1, 2.5):
         with pytest.raises(ValueError, match=rf"return_share must be in \[0, 2\], got {bad}"):
             plan_batch([0.0], 0, 50.0, CAL, 1, return_share=bad)
