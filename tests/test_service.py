@@ -244,13 +244,16 @@ def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
         retriever.settings = HandlerSettings(latency_constraint_ms=T, query_max_length=16)
 
 
+def far_apart_calibration(T: float) -> Calibration:
+    """Processing times far apart (a tiny model's t_50 and t_10 differ by a fraction of a ms, which
+    a busy machine spends between the header and the decision), so that a check does not hang on
+    the clock: t_10 = 10 % of T, t_30 = 30 %, t_50 = 50 % at batch 1."""
+    return Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
+
+
 def test_age_lowers_the_level(retriever, monkeypatch):
     T = retriever.settings.latency_constraint_ms
-    # processing times far apart (a tiny model's t_50 and t_10 differ by a fraction of a ms, which
-    # a busy machine spends between the header and the decision), so the check does not hang on
-    # the clock: t_10 = 10% of T, t_30 = 30%, t_50 = 50%
-    cal = Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
-    fix_schedule_inputs(monkeypatch, retriever, cal)
+    fix_schedule_inputs(monkeypatch, retriever, far_apart_calibration(T))
     # room for the smallest level only: T - age = 20% of T lies between t_10 and t_30
     out = retriever.handle_batch([{"query": "old but in time"}], [now_header(0.8 * T)])
     assert out[0].status == 200 and out[0].payload["level"] == 10
@@ -263,8 +266,7 @@ def test_the_handler_s_own_time_before_the_model_counts_in_the_age(retriever, mo
     # tokenizing that takes 20 % of T is time the request has spent: with an age of 0.4 T at the
     # batch's start, 50 % (t_50 = 0.5 T) still fits before it and no longer after it
     T = retriever.settings.latency_constraint_ms
-    cal = Calibration((1, 4), {50: (0.5 * T, 2 * T), 30: (0.3 * T, 1.2 * T), 10: (0.1 * T, 0.4 * T)})
-    fix_schedule_inputs(monkeypatch, retriever, cal)
+    fix_schedule_inputs(monkeypatch, retriever, far_apart_calibration(T))
     out = retriever.handle_batch([{"query": "quick to parse"}], [now_header(0.4 * T)])
     assert out[0].status == 200 and out[0].payload["level"] == 50
     prepare = retriever._prepare
