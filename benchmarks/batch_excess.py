@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.slo import raw_runs, read_raw
 from elastic.schedule import Calibration
 
 
 def batches(raw: Path) -> list[tuple[int, int, float]]:
     """(level, batch size, model ms) of each batch of one raw run (answers with status 200)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for line in raw.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_raw(raw):
         if r["status"] == 200 and r.get("model_ms") is not None:
             groups[(r["model_ms"], r["handler_ms"])].append(r["level"])
     return [(levels[0], len(levels), key[0]) for key, levels in groups.items()]
@@ -53,19 +52,19 @@ def main() -> None:
     a = ap.parse_args()
     print("| server | rate | pass | batches | mean b | model p50 ms | c̄ (ratio of sums) | excess a ms | excess ms / request |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for d in sorted(p for p in a.runs.iterdir() if (p / "describe.json").exists()):
-        desc = json.loads((d / "describe.json").read_text())
-        cal = Calibration(tuple(desc["batch_sizes"]), {int(k): tuple(v) for k, v in desc["processing_ms"].items()})
-        for raw in sorted(d.glob("raw-*.jsonl"), key=lambda p: [float(x) for x in re.findall(r"[\d.]+", p.stem)]):
-            rate, rep = re.fullmatch(r"raw-([\d.]+)-(\d+)", raw.stem).groups()
-            if a.rates and float(rate) not in a.rates:
-                continue
-            bs = batches(raw)
-            if len(bs) < 10:
-                continue
-            f = fit(cal, bs)
-            print(f"| {d.name} | {rate} | {int(rep) + 1} | {f['batches']} | {f['mean_batch']} | {f['model_p50_ms']} | "
-                  f"{f['ratio_of_sums']} | {f['excess_a_ms']} | {f['excess_ms_per_request']} |")
+    cals = {}
+    for d, rate, rep, raw in raw_runs(a.runs, a.rates):
+        if not (d / "describe.json").exists():
+            continue
+        if d not in cals:
+            desc = json.loads((d / "describe.json").read_text())
+            cals[d] = Calibration(tuple(desc["batch_sizes"]), {int(k): tuple(v) for k, v in desc["processing_ms"].items()})
+        bs = batches(raw)
+        if len(bs) < 10:
+            continue
+        f = fit(cals[d], bs)
+        print(f"| {d.name} | {rate:g} | {rep} | {f['batches']} | {f['mean_batch']} | {f['model_p50_ms']} | "
+              f"{f['ratio_of_sums']} | {f['excess_a_ms']} | {f['excess_ms_per_request']} |")
 
 
 if __name__ == "__main__":

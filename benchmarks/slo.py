@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -129,6 +130,22 @@ def score(records: list[dict], T_ms: float, duration_s: float, qrels: dict, serv
     return row
 
 
+def read_raw(raw: Path) -> list[dict]:
+    """The records of one raw run (JSON lines, benchmarks/openloop.py)."""
+    return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+
+
+def raw_runs(work: Path, rates: list[float] | None = None):
+    """(server folder, offered rate in req/s, pass from 1, raw file) of every run that ``sweep`` left
+    under ``work`` (``<server>/raw-<rate>-<pass>.jsonl``), by server, then rate, then pass; only
+    ``rates`` when given."""
+    for d in sorted(p for p in work.iterdir() if p.is_dir()):
+        for raw in sorted(d.glob("raw-*.jsonl"), key=lambda p: [float(x) for x in re.findall(r"[\d.]+", p.stem)]):
+            rate, rep = re.fullmatch(r"raw-([\d.]+)-(\d+)", raw.stem).groups()
+            if not rates or float(rate) in rates:
+                yield d, float(rate), int(rep) + 1, raw
+
+
 def run_rate(url_host: str, model: str, queries: str, rate: float, a, raw: Path) -> list[dict]:
     """One open-loop run (Locust on CPU 1); returns its raw records."""
     cmd = pinned([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "openloop.py"), "--headless",
@@ -138,7 +155,7 @@ def run_rate(url_host: str, model: str, queries: str, rate: float, a, raw: Path)
     with open(raw.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                        timeout=a.warmup_s + a.duration_s + a.drain_s + 60)
-    return [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    return read_raw(raw)
 
 
 @contextlib.contextmanager

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.slo import raw_runs, read_raw
 
 SIZE_GROUPS = ((1, 2), (3, 4), (5, 6), (7, 8))  # batch sizes, inclusive ranges
 
@@ -55,7 +56,6 @@ def summarize(bs: list[dict]) -> dict:
     gaps = [b["start"] - a["end"] for a, b in zip(bs, bs[1:]) if b["first_sent"] < a["end"] and b["start"] >= a["end"]]
     o = float(np.median(gaps)) if gaps else None
     row: dict = {"batches": len(bs), "o_p50_ms": round(o, 2) if o is not None else None}
-    every = np.array([w for b in bs for w in b["way_back"]])
     for lo, hi in SIZE_GROUPS + ((1, 8),):
         w = np.array([x for b in bs if lo <= len(b["way_back"]) <= hi for x in b["way_back"]])
         key = f"b{lo}-{hi}" if (lo, hi) != (1, 8) else "all"
@@ -64,7 +64,7 @@ def summarize(bs: list[dict]) -> dict:
             "p90_ms": round(float(np.percentile(w, 90)), 2), "p99_ms": round(float(np.percentile(w, 99)), 2),
             "over_half_o": round(float(np.mean(w > o / 2)), 3) if o else None,
             "over_o": round(float(np.mean(w > o)), 3) if o else None}
-    row["answers"] = int(len(every))
+    row["answers"] = sum(len(b["way_back"]) for b in bs)
     return row
 
 
@@ -76,16 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args()
     rows = []
-    for d in sorted(p for p in a.runs.iterdir() if p.is_dir()):
-        for raw in sorted(d.glob("raw-*.jsonl"), key=lambda p: [float(x) for x in re.findall(r"[\d.]+", p.stem)]):
-            rate, rep = re.fullmatch(r"raw-([\d.]+)-(\d+)", raw.stem).groups()
-            if a.rates and float(rate) not in a.rates:
-                continue
-            recs = [json.loads(x) for x in raw.read_text().splitlines() if x.strip()]
-            bs = batches([r for r in recs if 0 <= r["scheduled_s"] < a.duration_s])
-            if len(bs) < 10:
-                continue
-            rows.append({"server": d.name, "rate_rps": float(rate), "pass": int(rep) + 1, **summarize(bs)})
+    for d, rate, rep, raw in raw_runs(a.runs, a.rates):
+        bs = batches([r for r in read_raw(raw) if 0 <= r["scheduled_s"] < a.duration_s])
+        if len(bs) >= 10:
+            rows.append({"server": d.name, "rate_rps": rate, "pass": rep, **summarize(bs)})
     if not rows:
         raise SystemExit(f"--runs {a.runs}: no raw run with Server-Timing answers (run benchmarks.slo first)")
     a.out.mkdir(parents=True, exist_ok=True)
