@@ -5,8 +5,12 @@
         --peak-users 120 --ramp-up-s 40 --hold-s 30 --ramp-down-s 20 --tail-s 15
 
 Users ramp up linearly to the peak, hold it, ramp down, then one user stays for the tail so
-the return to larger SubLMs shows; each user pauses 1-3 s between requests. Every response is
-recorded (start time, latency, status, level, queue size, qid, returned pids) in the
+the return to larger SubLMs shows; each user pauses 1-3 s between requests. With
+--start-header each request carries X-Request-Start (its send time), as a load balancer in
+front of TorchServe would set it, so the schedule sees each request's true age instead of
+estimating it from the queue sizes. Every response is
+recorded (start time, latency, status, level, queue size, qid, returned pids, and the
+Server-Timing wait / model / handler milliseconds) in the
 --raw-out JSON lines file; benchmarks/report.py turns it into requests.csv, the summary and
 the plot. benchmarks/online.py runs this under taskset on its own core.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from locust import FastHttpUser, LoadTestShape, between, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, for elastic/
+from benchmarks.report import server_timing  # noqa: E402
 from elastic.data import read_tsv  # noqa: E402
 
 RECORDS: list[dict] = []
@@ -41,6 +46,8 @@ def _options(parser):
     parser.add_argument("--min-wait-s", type=float, default=1.0, help="least pause between a user's requests")
     parser.add_argument("--max-wait-s", type=float, default=3.0, help="longest pause between a user's requests")
     parser.add_argument("--seed", type=int, default=0, help="query sampling seed")
+    parser.add_argument("--start-header", action="store_true",
+                        help="send X-Request-Start: t=<send, epoch seconds> as a load balancer in front would")
 
 
 @events.test_start.add_listener
@@ -70,10 +77,14 @@ class QueryUser(FastHttpUser):
     def search(self):
         qid, text = STATE["rng"].choice(STATE["queries"])
         t_start = time.time()
-        with self.client.post(STATE["path"], json={"query": text}, name="predictions", catch_response=True) as resp:
+        headers = {"X-Request-Start": f"t={t_start:.6f}"} if self.environment.parsed_options.start_header else {}
+        with self.client.post(STATE["path"], json={"query": text}, headers=headers, name="predictions",
+                              catch_response=True) as resp:
             latency_ms = (time.time() - t_start) * 1000
             rec = {"timestamp_s": round(t_start - STATE["t0"], 4), "latency_ms": round(latency_ms, 3),
                    "status": resp.status_code, "qid": qid, "level": None, "queue_size": None, "pids": []}
+            # wait_ms / model_ms / handler_ms: where the time went on the server (None without the header)
+            rec.update(server_timing(resp.headers.get("Server-Timing") if resp.headers else None))
             if resp.status_code == 200:
                 try:
                     body = resp.json()

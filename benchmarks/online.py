@@ -44,7 +44,8 @@ def run_online(cfg: RecipeConfig, mar: Path, queries: str, qrels: str, T_ms: flo
                       "--only-summary", "--loglevel", "WARNING", "--host", f"http://127.0.0.1:{s.inference_port}",
                       "--queries", queries, "--raw-out", str(out / "raw.jsonl"), "--peak-users", str(ld.peak_users),
                       "--ramp-up-s", str(ld.ramp_up_s), "--hold-s", str(ld.hold_s), "--ramp-down-s", str(ld.ramp_down_s),
-                      "--tail-s", str(ld.tail_s), "--min-wait-s", str(ld.min_wait_s), "--max-wait-s", str(ld.max_wait_s)],
+                      "--tail-s", str(ld.tail_s), "--min-wait-s", str(ld.min_wait_s), "--max-wait-s", str(ld.max_wait_s)]
+                     + (["--start-header"] if ld.start_header else []),
                      "1")
         print(f"[online] Locust rush: {ld.peak_users} users at peak, "
               f"{ld.ramp_up_s + ld.hold_s + ld.ramp_down_s + ld.tail_s:.0f} s", flush=True)

@@ -22,7 +22,8 @@ import numpy as np
 from elastic.data import read_qrels
 from elastic.metrics import rr_at_10_per_query
 
-COLUMNS = ["timestamp_s", "latency_ms", "status", "level", "queue_size", "qid", "rr_at_10"]
+COLUMNS = ["timestamp_s", "latency_ms", "status", "level", "queue_size", "qid", "rr_at_10", "wait_ms", "model_ms",
+           "handler_ms"]
 
 
 def server_timing(value: str | None) -> dict:
@@ -57,10 +58,15 @@ def phases(ramp_up_s: float, hold_s: float, ramp_down_s: float, tail_s: float) -
     return [(n, float(b[i]), float(b[i + 1])) for i, n in enumerate(["ramp_up", "peak", "ramp_down", "tail"])]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """p50/p95/p99 latency (ms), MRR@10, error count and level shares of some rows."""
+def summarize(rows: list[dict], T_ms: float | None = None) -> dict:
+    """p50/p95/p99 latency (ms), MRR@10, error count and level shares of some rows; with T
+    (ms), ``within_T``: the share of requests answered 200 within T. ``wait_p50_ms`` /
+    ``wait_p99_ms``: the Server-Timing wait (the age the schedule used; None without it)."""
     ok = [r for r in rows if r["status"] == 200]
     lat = np.array([r["latency_ms"] for r in ok]) if ok else np.array([np.nan])
+    timed = [r for r in ok if r.get("wait_ms") is not None and r.get("handler_ms") is not None]
+    wait = [r["wait_ms"] for r in timed]
+    after = [r["latency_ms"] - r["wait_ms"] - r["handler_ms"] for r in timed]
     rr = [r["rr_at_10"] for r in ok if r["rr_at_10"] is not None]
     levels = sorted({r["level"] for r in ok}, reverse=True)
     return {
@@ -70,6 +76,11 @@ def summarize(rows: list[dict]) -> dict:
         "mrr_at_10": round(float(np.mean(rr)), 4) if rr else None,
         "level_share": {str(lv): round(sum(r["level"] == lv for r in ok) / len(ok), 3) for lv in levels},
         "mean_queue_size": round(float(np.mean([r["queue_size"] for r in ok])), 2) if ok else None,
+        "within_T": round(sum(r["latency_ms"] <= T_ms for r in ok) / len(rows), 4) if T_ms and rows else None,
+        "wait_p50_ms": round(float(np.percentile(wait, 50)), 2) if wait else None,
+        "wait_p99_ms": round(float(np.percentile(wait, 99)), 2) if wait else None,
+        "after_p50_ms": round(float(np.percentile(after, 50)), 2) if after else None,
+        "after_p99_ms": round(float(np.percentile(after, 99)), 2) if after else None,
     }
 
 
@@ -131,21 +142,24 @@ def write_report(raw: Path, qrels_path: Path, out: Path, bounds: list[tuple[str,
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in sorted(rows, key=lambda r: r["timestamp_s"]):
-            w.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
-    summary = {"latency_constraint_ms": T_ms, "overall": summarize(rows)}
+            w.writerow(["" if r.get(c) is None else r[c] for c in COLUMNS])
+    summary = {"latency_constraint_ms": T_ms, "overall": summarize(rows, T_ms)}
     for name, s, e in bounds:
         part = [r for r in rows if s <= r["timestamp_s"] < e]
         if part:
-            summary[name] = summarize(part)
+            summary[name] = summarize(part, T_ms)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = ["| phase | requests | errors | p50 ms | p95 ms | p99 ms | MRR@10 | mean g | level share |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| phase | requests | errors | p50 ms | p95 ms | p99 ms | within T | wait p50 / p99 ms | after p50 / p99 ms "
+             "| MRR@10 | mean g | level share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ["ramp_up", "peak", "ramp_down", "tail", "overall"]:
         if name in summary:
             s = summary[name]
             share = ", ".join(f"{k}%: {v:.0%}" for k, v in s["level_share"].items())
             lines.append(f"| {name} | {s['requests']} | {s['errors']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
-                         f"{s['mrr_at_10']} | {s['mean_queue_size']} | {share} |")
+                         f"{s['within_T']} | {s['wait_p50_ms']} / {s['wait_p99_ms']} | "
+                         f"{s['after_p50_ms']} / {s['after_p99_ms']} | {s['mrr_at_10']} | "
+                         f"{s['mean_queue_size']} | {share} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(rows, bounds, T_ms, out / "timeline.png")
     return summary

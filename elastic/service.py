@@ -620,7 +620,7 @@ class ElasticServer:
                     self.counters["request_start_ignored"] += 1
                 if estimate is None:
                     estimate = estimate_age_ms(now_mono, self.history, self.max_batch_delay_ms + self.overhead_ms,
-                                               self._last_end)
+                                               self._last_end, len(request_starts))
                 age = estimate
             else:
                 self.counters["request_start_used"] += 1

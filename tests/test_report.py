@@ -12,7 +12,7 @@ def test_requests_csv_and_summary(tmp_path):
     qrels.write_text("q1 0 p3 1\nq2 0 p9 1\n")
     recs = [
         {"timestamp_s": 1.0, "latency_ms": 10.0, "status": 200, "qid": "q1", "level": 50, "queue_size": 0,
-         "pids": ["p1", "p2", "p3"]},  # relevant at rank 3
+         "pids": ["p1", "p2", "p3"], "wait_ms": 2.0, "model_ms": 5.0, "handler_ms": 6.0},  # relevant at rank 3
         {"timestamp_s": 2.0, "latency_ms": 30.0, "status": 200, "qid": "q2", "level": 20, "queue_size": 7,
          "pids": ["p1"]},  # miss
         {"timestamp_s": 3.0, "latency_ms": 50.0, "status": 200, "qid": "q-none", "level": 20, "queue_size": 9,
@@ -23,8 +23,14 @@ def test_requests_csv_and_summary(tmp_path):
     raw.write_text("".join(json.dumps(r) + "\n" for r in recs))
     summary = write_report(raw, qrels, tmp_path / "out", phases(2.5, 1.0, 1.0, 1.0), 40.0)
     rows = list(csv.reader(open(tmp_path / "out" / "requests.csv")))
-    assert rows[0] == COLUMNS == ["timestamp_s", "latency_ms", "status", "level", "queue_size", "qid", "rr_at_10"]
-    assert [r[-1] for r in rows[1:]] == [str(1 / 3), "0.0", "", ""]
+    assert rows[0] == COLUMNS == ["timestamp_s", "latency_ms", "status", "level", "queue_size", "qid", "rr_at_10",
+                                  "wait_ms", "model_ms", "handler_ms"]
+    assert [r[6] for r in rows[1:]] == [str(1 / 3), "0.0", "", ""]
+    assert rows[1][7:] == ["2.0", "5.0", "6.0"] and rows[2][7:] == ["", "", ""]  # Server-Timing, where answered
+    # within T = 40 ms: 10 and 30 ms of 4 requests (50 ms is late, the 503 is not an answer)
+    assert summary["overall"]["within_T"] == 0.5
+    assert summary["overall"]["wait_p50_ms"] == 2.0 and summary["peak"]["wait_p50_ms"] is None
+    assert summary["overall"]["after_p50_ms"] == 10.0 - 2.0 - 6.0  # latency - wait - handler
     assert summary["overall"]["errors"] == 1 and summary["overall"]["mrr_at_10"] == round((1 / 3) / 2, 4)
     assert summary["ramp_up"]["level_share"] == {"50": 0.5, "20": 0.5}
     assert summary["peak"]["level_share"] == {"20": 1.0}

@@ -124,19 +124,27 @@ def test_bad_inputs_are_refused():
 def test_age_estimate_from_queue_history():
     # no history: what a request finding the worker idle waits
     assert estimate_age_ms(10.0, [], 3.0) == 3.0
-    # previous batch (start 9.990 s, b = 4) saw g = 0: this batch's head came after it started;
-    # it waited at most 10 ms, and about the idle wait
-    assert estimate_age_ms(10.0, [(9.990, 0, 4)], 3.0) == pytest.approx(3.0)
-    assert estimate_age_ms(10.0, [(9.999, 0, 4)], 3.0) == pytest.approx(1.0)
-    # previous batch saw g = 2 waiting: the head was already there at 9.990 -> at least 10 ms
-    assert estimate_age_ms(10.0, [(9.990, 2, 4)], 3.0) == pytest.approx(10.0)
-    # two batches back saw g = 9 >= 4 + 1: the head was there at 9.970 -> at least 30 ms
+    # previous batch (start 9.990 s, b = 4) saw g = 0: this batch's head came in the 10 ms since;
+    # the oldest of n requests uniform in that window is 10·n/(n + 1) ms old on average
+    assert estimate_age_ms(10.0, [(9.990, 0, 4)], 3.0) == pytest.approx(5.0)
+    assert estimate_age_ms(10.0, [(9.990, 0, 4)], 3.0, batch_size=4) == pytest.approx(8.0)
+    assert estimate_age_ms(10.0, [(9.999, 0, 4)], 3.0) == pytest.approx(0.5)
+    # previous batch saw g = 2 waiting, the one before (9.970) g = 0: it came between them:
+    # 30·n/(n + 1) ms, but never below the 10 ms it was already known to wait
+    assert estimate_age_ms(10.0, [(9.970, 0, 4), (9.990, 2, 4)], 3.0, batch_size=3) == pytest.approx(22.5)
+    assert estimate_age_ms(10.0, [(9.985, 0, 4), (9.990, 2, 4)], 3.0) == pytest.approx(10.0)
+    # two batches back saw g = 9 >= 4 + 1, three back g = 1 < 8 + 1: it came after 9.950
+    assert estimate_age_ms(10.0, [(9.950, 1, 4), (9.970, 9, 4), (9.990, 5, 4)], 3.0, batch_size=4) == pytest.approx(40.0)
+    # ... but g = 4 two back means the head (5th) was not yet queued at 9.970
+    assert estimate_age_ms(10.0, [(9.950, 1, 4), (9.970, 4, 4), (9.990, 5, 4)], 3.0, batch_size=4) == pytest.approx(24.0)
+    # every remembered batch saw it waiting: at least as old as the earliest of them
     assert estimate_age_ms(10.0, [(9.970, 9, 4), (9.990, 5, 4)], 3.0) == pytest.approx(30.0)
-    # ... but g = 4 then means the head (5th) was not yet queued at 9.970
-    assert estimate_age_ms(10.0, [(9.970, 4, 4), (9.990, 5, 4)], 3.0) == pytest.approx(10.0)
     # the worker sat idle for 500 ms since the last batch ended: nothing waited that long
     assert estimate_age_ms(10.0, [(9.470, 9, 4), (9.490, 5, 4)], 3.0, last_end_s=9.5) == pytest.approx(3.0)
-    assert estimate_age_ms(10.0, [(9.970, 9, 4), (9.990, 5, 4)], 3.0, last_end_s=9.999) == pytest.approx(30.0)
+    assert estimate_age_ms(10.0, [(9.470, 0, 4), (9.990, 0, 4)], 3.0, last_end_s=9.999,
+                           batch_size=1) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        estimate_age_ms(10.0, [(9.990, 0, 4)], 3.0, batch_size=0)
 
 
 def test_latency_correction_is_a_high_quantile_within_bounds():

@@ -184,6 +184,8 @@ class LoadConfig:
     tail_s: float = _f(15.0, "idle-ish seconds at the end (one user) to show recovery")
     min_wait_s: float = _f(1.0, "least pause between a user's requests")
     max_wait_s: float = _f(3.0, "longest pause between a user's requests")
+    start_header: bool = _f(False, "each request carries X-Request-Start (its send time), as a load balancer in front "
+                            "would set it; off, the schedule estimates ages from the queue sizes")
 
 
 @dataclass
