@@ -83,7 +83,7 @@ class QueryUser(FastHttpUser):
             latency_ms = (time.time() - t_start) * 1000
             rec = {"timestamp_s": round(t_start - STATE["t0"], 4), "latency_ms": round(latency_ms, 3),
                    "status": resp.status_code, "qid": qid, "level": None, "queue_size": None, "pids": []}
-            # wait_ms / model_ms / handler_ms: where the time went on the server (None without the header)
+            # wait_ms / model_ms / handler_ms: where the time went on the server (None without Server-Timing)
             rec.update(server_timing(resp.headers.get("Server-Timing") if resp.headers else None))
             if resp.status_code == 200:
                 try:

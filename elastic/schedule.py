@@ -426,8 +426,8 @@ def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idl
     too low makes answers late; the whole window D, taken in a first version of this change,
     shed requests that had just arrived whenever the previous batch ran long.) Where every
     remembered batch saw the head waiting, the earliest of their starts is all that is known (a
-    lower bound), and no estimate is below it. If the worker sat idle before this batch, the head waited about
-    ``idle_wait_ms`` (batch delay plus IPC).
+    lower bound), and no estimate is below it. If the worker sat idle before this batch, the
+    head waited about ``idle_wait_ms`` (batch delay plus IPC).
 
     Measured in the demo's rush (benchmarks/results/rush_probes/age-estimate/): with
     X-Request-Start on every request, the previous batch's start bounded the oldest request's
@@ -452,12 +452,12 @@ def estimate_age_ms(now_s: float, history: Sequence[tuple[float, int, int]], idl
     Returns:
         Estimated age in milliseconds (>= 0).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not history:
         return idle_wait_ms
     if last_end_s is not None and (now_s - last_end_s) * 1000 > idle_wait_ms:
         return idle_wait_ms
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     since = 0  # requests served by the batches after batch j-m
     seen_at = None  # start of the earliest batch that saw the head waiting
     for start_s, g, b in reversed(history):
