@@ -37,16 +37,21 @@ SIZE_GROUPS = ((1, 2), (3, 4), (5, 6), (7, 8))  # batch sizes, inclusive ranges
 
 def batches(records: list[dict]) -> list[dict]:
     """Batches of one raw run, in order of their start: per batch ``start`` and ``end`` (epoch
-    ms of the handler's start and of its model's end), ``first_sent`` (epoch ms of its oldest
-    request's send) and ``way_back`` (ms, one per answer). Only answers 200 with Server-Timing."""
+    ms of the handler's start and of its model's end), ``key`` (its answers' (model_ms, handler_ms),
+    which they share), ``model`` (ms, the model's duration, so it
+    ran over [end - model, end]), ``first_sent`` (epoch ms of its oldest request's send) and
+    ``way_back`` (ms, one per answer). Only answers 200 with Server-Timing. ``start`` is the median
+    over the batch's answers of send + wait, where wait is the age that the schedule took (after
+    the handler's parsing), so ``start`` and ``end`` run late by that parsing, about 1 ms."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["status"] == 200 and r.get("wait_ms") is not None and r.get("handler_ms") is not None:
             groups[(r["model_ms"], r["handler_ms"])].append(r)
     out = []
-    for (_, handler_ms), rs in groups.items():
+    for (model_ms, handler_ms), rs in groups.items():
         start = float(np.median([r["sent_epoch"] * 1000 + r["wait_ms"] for r in rs]))
-        out.append({"start": start, "end": start + handler_ms, "first_sent": min(r["sent_epoch"] for r in rs) * 1000,
+        out.append({"key": (model_ms, handler_ms), "start": start, "end": start + handler_ms, "model": model_ms,
+                    "first_sent": min(r["sent_epoch"] for r in rs) * 1000,
                     "way_back": [r["latency_ms"] - r["wait_ms"] - r["handler_ms"] for r in rs]})
     return sorted(out, key=lambda b: b["start"])
 

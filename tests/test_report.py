@@ -56,7 +56,8 @@ def test_overhead_rows_subtract_the_model_time_and_divide_by_noop():
 
     def rec(s, lat, model, status=200):
         return {"scheduled_s": s, "latency_ms": lat, "status": status, "level": 5, "model_ms": model,
-                "wait_ms": None if model is None else 3.0, "handler_ms": None if model is None else model + 0.5}
+                "sent_epoch": 1000.0 + 10 * s, "wait_ms": None if model is None else 3.0,
+                "handler_ms": None if model is None else model + 0.5}
 
     noop = summarize([rec(-1.0, 99.0, None)] + [rec(i / 10, 4.0, None) for i in range(10)], 10.0, Server("noop"), 20.0)
     static = summarize([rec(i / 10, 10.0, 4.0) for i in range(10)] + [rec(0.5, 1.0, None, 503)], 10.0,
@@ -67,8 +68,40 @@ def test_overhead_rows_subtract_the_model_time_and_divide_by_noop():
     rows = [noop, static]
     add_ratios(rows)
     assert tuple(static) == ROW_KEYS and static["ratio_p50"] == 1.5 and noop["ratio_p50"] == 1.0
+    # no batch overlaps another's wait here (the records have no send time), so net = outside
+    assert static["net_p50_ms"] == 6.0 and static["net_ratio_p50"] == 1.5
     with pytest.raises(ValueError, match="static5-T50: 1 of 1 answers have no Server-Timing model;dur"):
         summarize([rec(0.0, 10.0, None)], 10.0, Server("static", 5, 50.0), 20.0)
+
+
+def test_overhead_net_leaves_out_the_model_time_a_request_waited_behind():
+    from benchmarks.overhead import add_ratios, queued_model_ms, summarize
+    from benchmarks.slo import Server
+
+    def rec(sent_ms, wait, model, handler, lat, status=200):
+        return {"scheduled_s": sent_ms / 1000, "sent_epoch": 1000.0 + sent_ms / 1000, "latency_ms": lat,
+                "status": status, "level": 5, "model_ms": model, "wait_ms": wait, "handler_ms": handler}
+
+    recs = [
+        # batch A: starts at t = 10 ms, model over [12, 18] (handler 8 ms, model 6 ms)
+        rec(0.0, 10.0, 6.0, 8.0, 20.0),
+        # batch B: its request was sent at 14, while A's model ran; B starts at 22, so it waited
+        # behind 4 ms of A's model (14 -> 18); model over [23, 26]
+        rec(14.0, 8.0, 3.0, 4.0, 14.0),
+        rec(15.0, 7.0, 3.0, 4.0, 13.0),
+        # batch C: sent at 30, after B's model: nothing queued
+        rec(30.0, 2.0, 2.5, 3.5, 8.0),
+        rec(31.0, 0.0, 1.0, 1.0, 1.0, status=503),
+    ]
+    assert queued_model_ms(recs) == [0.0, 4.0, 3.0, 0.0, 0.0]
+    row = summarize(recs, 1.0, Server("static", 5, 50.0), 100.0, rep=2)
+    # outside (latency - own model): 14, 11, 10, 5.5; net: 14, 7, 7, 5.5
+    assert row["pass"] == 2 and row["outside_p50_ms"] == 10.5 and row["net_p50_ms"] == 7.0
+    noop = summarize([{**r, "model_ms": None, "wait_ms": None, "handler_ms": None, "latency_ms": 2.5} for r in recs[:4]],
+                     1.0, Server("noop"), 100.0)
+    rows = [noop, row]
+    add_ratios(rows)  # noop has no pass 2 at this rate: its first pass is the base
+    assert row["net_ratio_p50"] == 2.8 and row["ratio_p50"] == 4.2
 
 
 def test_rush_rows_count_late_and_shed_requests_as_zero(tmp_path):
