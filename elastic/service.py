@@ -466,6 +466,7 @@ class ElasticServer:
             if key is not None:
                 calibration_store.save(model_dir, key, self.calibration)
         self.overhead_ms = 0.0  # o: per-batch cost outside the handler, EWMA (see elastic/schedule.py)
+        self._overhead_weight = 0.0  # the EWMA's total weight so far, 1 - (1 - OVERHEAD_EWMA)^gaps
         # c: observed / predicted time over all levels; c_k per level (a level with fewer than
         # LEVEL_MIN_BATCHES batches borrows the all-level c); ratios older than CORRECTION_MAX_AGE_S
         # leave both windows, so a level held off by a stall's ratios comes back
@@ -602,11 +603,19 @@ class ElasticServer:
 
     def _observe_gap(self, start: float) -> None:
         """Update o from the gap since the previous batch ended, if requests were waiting then
-        (the worker was not idle: the gap is frontend and IPC time)."""
+        (the worker was not idle: the gap is frontend and IPC time).
+
+        o is the exponentially weighted mean of the gaps seen so far, bias-corrected as Adam's
+        moments are (Kingma & Ba 2015, §3): the newest gap weighs OVERHEAD_EWMA of the total
+        weight 1 - (1 - OVERHEAD_EWMA)^n after n gaps, so the first gap sets o and the tenth
+        counts as much as an EWMA started at the mean. An EWMA started at 0 would take about 60
+        busy batches (1 / OVERHEAD_EWMA · 3) to reach 95 % of o, and a rush's first seconds would
+        budget nearly nothing for the frontend and IPC."""
         if self._last_end is not None and self._last_waiting:
             gap = (start - self._last_end) * 1000
             if gap < self.OVERHEAD_CAP_MS:
-                self.overhead_ms += self.OVERHEAD_EWMA * (gap - self.overhead_ms)
+                self._overhead_weight += self.OVERHEAD_EWMA * (1 - self._overhead_weight)
+                self.overhead_ms += self.OVERHEAD_EWMA / self._overhead_weight * (gap - self.overhead_ms)
 
     def _ages_ms(self, request_starts: list[str | None], now_mono: float, now_epoch: float) -> list[float]:
         """Each request's age: from its start header where valid, else the FIFO estimate."""

@@ -381,7 +381,7 @@ def test_handler_over_mock_context(tiny_elastic):
 
 
 def test_overhead_is_learned_only_from_gaps_with_waiting_requests(retriever):
-    retriever.overhead_ms, retriever._last_end = 0.0, None
+    retriever.overhead_ms, retriever._overhead_weight, retriever._last_end = 0.0, 0.0, None
     retriever.handle_batch([{"query": "a"}])
     time.sleep(0.02)
     retriever.handle_batch([{"query": "b"}])  # the batch before was partly filled: idle gap, not overhead
@@ -390,7 +390,36 @@ def test_overhead_is_learned_only_from_gaps_with_waiting_requests(retriever):
     time.sleep(0.01)
     retriever.handle_batch([{"query": "d"}])  # the gap is overhead
     assert retriever.overhead_ms > 0.0
-    retriever.overhead_ms = 0.0
+    retriever.overhead_ms, retriever._overhead_weight = 0.0, 0.0
+
+
+def test_overhead_is_the_bias_corrected_mean_of_the_gaps_from_the_first_one(retriever):
+    r = retriever
+    saved = (r.overhead_ms, r._overhead_weight, r._last_end, r._last_waiting)
+    try:
+        r.overhead_ms, r._overhead_weight, r._last_waiting = 0.0, 0.0, True
+
+        def gap(ms: float) -> None:
+            r._last_end = 10.0
+            r._observe_gap(10.0 + ms / 1000)
+
+        gap(4.0)
+        assert r.overhead_ms == pytest.approx(4.0)  # the first gap sets o; it does not start from 0
+        gap(6.0)
+        a = r.OVERHEAD_EWMA  # the exponentially weighted mean of 4 and 6, weights (1 - a) and 1
+        assert r.overhead_ms == pytest.approx((4.0 * (1 - a) + 6.0) / (2 - a))
+        for _ in range(400):
+            gap(6.0)
+        assert r.overhead_ms == pytest.approx(6.0, abs=1e-6)  # then a plain EWMA of weight a
+        before = r.overhead_ms
+        gap(10.0)
+        assert r.overhead_ms == pytest.approx(before + a * (10.0 - before), rel=1e-6)
+        gap(r.OVERHEAD_CAP_MS + 1)  # a stall is not overhead
+        r._last_waiting = False
+        gap(3.0)  # nor is an idle gap
+        assert r.overhead_ms == pytest.approx(before + a * (10.0 - before), rel=1e-6)
+    finally:
+        r.overhead_ms, r._overhead_weight, r._last_end, r._last_waiting = saved
 
 
 def test_arrival_rate_counts_only_the_last_second(retriever):
