@@ -164,11 +164,22 @@ def markdown(rows: list[dict], extra: dict, cfg: RecipeConfig, tasks: list[str],
             f"warmup {gc.warmup:g}, weight decay {gc.weight_decay:g}, loss (1 - {gc.kd_weight:g}) x task + "
             f"{gc.kd_weight:g} x KD (KL at temperature {gc.kd_temperature:g}, x its square; MSE to the teacher's "
             "score for STS-B); pooler and classifier start from the task's teacher.",
-            f"- Training examples: every one, except tasks with more than {gc.max_train_examples}: a uniform "
-            f"seeded sample of {gc.max_train_examples} (SST-2: of SST-2.train.tsv's 60,614 sentences). "
+            f"- Training examples: {examples_words(gc)} "
             "Max length: 64 tokens for SST-2, 128 for the others (Table 3).",
             "- No search grid and no early stopping: the dev sets are only scored."]
     return "\n".join(out) + "\n"
+
+
+def examples_words(gc) -> str:
+    """The recipe's use of the training examples, in words (glue.max_train_examples, max_epoch_examples)."""
+    pool = ("every one" if not gc.max_train_examples else
+            f"every one, except tasks with more than {gc.max_train_examples}: a uniform seeded sample of "
+            f"{gc.max_train_examples} (SST-2: of SST-2.train.tsv's 60,614 sentences)")
+    if not gc.max_epoch_examples:
+        return pool + "."
+    return (pool + f"; an epoch of a task with more than {gc.max_epoch_examples} counts {gc.max_epoch_examples} "
+            f"examples (glue.max_epoch_examples): SST-2 takes the steps of a {gc.max_epoch_examples}-sentence "
+            "sample, its batches drawn from all of its sentences.")
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:

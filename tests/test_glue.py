@@ -75,11 +75,22 @@ def test_unknown_task_name():
     ("glue:\n  epochs: 0\n", "config glue.epochs: must be > 0"),
     ("glue:\n  pooling: max\n", "config glue.pooling: expected 'cls' or 'mean', got 'max'"),
     ("glue:\n  level_weight_power: -0.5\n", r"config glue.level_weight_power: must be >= 0 \(0 = uniform\), got -0.5"),
+    ("glue:\n  max_epoch_examples: -1\n", "config glue.max_train_examples / max_epoch_examples / length_window: must "
+                                           "be >= 0"),
     ("distill:\n  pair_fraction: 1.5\n", r"config distill.pair_fraction: a probability in \[0, 1\], got 1.5"),
 ])
 def test_config_checks_glue_fields(tmp_path, yaml_text, message):
     with pytest.raises(ValueError, match=message):
         load_config(write(tmp_path / "bad.yaml", yaml_text))
+
+
+def test_an_epoch_of_a_large_task_counts_max_epoch_examples():
+    from training.glue import finetune_steps
+
+    assert finetune_steps(3, 6000, 32) == 563  # ceil(3 * 6000 / 32): every example is an epoch
+    assert finetune_steps(3, 60614, 32, max_epoch_examples=6000) == 563  # SST-2: the 6,000 sample's steps
+    assert finetune_steps(3, 2490, 32, max_epoch_examples=6000) == 234  # a smaller task: all of its examples
+    assert finetune_steps(0.01, 10, 32) == 1
 
 
 # --- metrics ------------------------------------------------------------------------------------

@@ -198,6 +198,9 @@ class GlueConfig:
                         "named here gets its teacher fine-tuned from prune.teacher")
     max_train_examples: int = _f(8000, "a task with more training examples is subsampled uniformly (seeded) to this "
                                  "many (SST-2's 60,614; 0 = all)")
+    max_epoch_examples: int = _f(0, "an epoch of a task with more training examples counts this many: steps = "
+                                 "epochs x this / batch_size, the batches drawn from all of its examples, so a large "
+                                 "task costs no more steps and repeats fewer examples (0 = an epoch is every example)")
     teacher_epochs: float = _f(3.0, "passes over the training examples when fine-tuning a teacher")
     teacher_lr: float = _f(1e-4, "AdamW peak learning rate of the teacher")
     epochs: float = _f(2.0, "passes over the training examples for the elastic model and every static baseline "
@@ -450,8 +453,9 @@ def _validate_glue(g: GlueConfig) -> None:
         raise ValueError(f"config glue.level_weight_power: must be >= 0 (0 = uniform), got {g.level_weight_power}")
     if g.pooling not in ("cls", "mean"):
         raise ValueError(f"config glue.pooling: expected 'cls' or 'mean', got {g.pooling!r}")
-    if g.max_train_examples < 0 or g.length_window < 0:
-        raise ValueError("config glue.max_train_examples / length_window: must be >= 0 (0 = all / uniform)")
+    if g.max_train_examples < 0 or g.max_epoch_examples < 0 or g.length_window < 0:
+        raise ValueError("config glue.max_train_examples / max_epoch_examples / length_window: must be >= 0 "
+                         "(0 = all / all / uniform)")
 
 
 def _validate_ranker(r: RankerConfig) -> None:

@@ -98,13 +98,21 @@ class GlueObjective:
         pass
 
 
+def finetune_steps(epochs: float, n_train: int, batch_size: int, max_epoch_examples: int = 0) -> int:
+    """Optimizer steps of ``epochs`` passes: ceil(epochs · E / batch_size), E = min(n_train,
+    max_epoch_examples), or n_train when that is 0 (``glue.max_epoch_examples``); at least 1."""
+    epoch = min(n_train, max_epoch_examples) if max_epoch_examples else n_train
+    return max(1, math.ceil(epochs * epoch / batch_size))
+
+
 def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits: torch.Tensor | None, levels: list[int],
              epochs: float, lr: float, out: Path, workdir: Path, key: dict, desc: str,
              weights: dict[int, float] | None = None) -> None:
     """Fine-tune ``model``'s SubLMs ``levels`` on ``train`` (every level at every step) and write
     the model directory ``out``; skipped when ``out/stage.json`` holds the same ``key``.
 
-    Steps: ceil(epochs · N / batch_size); batches are drawn by length window (``glue.length_window``).
+    Steps: ceil(epochs · min(N, glue.max_epoch_examples) / batch_size) (N when that is 0); batches
+    are drawn from all N examples by length window (``glue.length_window``).
     ``weights``: per-level loss weights (training/loop.level_weights); None = every level alike.
     """
     g = cfg.glue
@@ -132,7 +140,7 @@ def finetune(cfg: RecipeConfig, model: GlueModel, train: GlueSet, teacher_logits
             b["teacher"] = soft[idx]
         return b
 
-    steps = max(1, math.ceil(epochs * len(train) / bs))
+    steps = finetune_steps(epochs, len(train), bs, g.max_epoch_examples)
     lc = LoopConfig(steps, lr, g.weight_decay, g.warmup, g.max_grad_norm, g.seed, cfg.train.checkpoint_every,
                     cfg.train.log_every)
     t0 = time.time()
