@@ -51,7 +51,8 @@ def main() -> None:
         rate = (sum(b for _, _, b in history) + a.batch) / 0.32
         c, cm = level_corrections(corr, per_level, cal, 20)
         plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm,
-                          min_spare=HANDLER_DEFAULTS.min_spare, return_share=HANDLER_DEFAULTS.return_share)
+                          min_spare=HANDLER_DEFAULTS.min_spare, return_share=HANDLER_DEFAULTS.return_share,
+                          spare_from=HANDLER_DEFAULTS.spare_from)
         corr.observe(cal.t(plan.level, a.batch), 5.5, 0.0, a.batch)
         per_level[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))

@@ -90,13 +90,25 @@ req/s, but only 0.930 at 400 req/s, where static 5 % held 0.995-1.000. ρ_max 0.
 and gave up 0.06 effective MRR@10 at 300. So an optional spare margin σ (``min_spare``; 0 = off)
 looks at the smallest level's utilization at full batches:
 
-       u_min = λ · (c̄·t_min(b_max) + o) / (b_max · 1000 ms/s)
-       a level above the smallest needs u_min <= 1 - σ                       (spare bound)
+       u_j = λ · (c̄_j·t_j(b_max) + o) / (b_max · 1000 ms/s)
+       a level k above the smallest needs u_j <= 1 - σ                       (spare bound)
 
-The handler's default σ is 0.4, set by its probe in a slow stretch, where it raised the lowest
-within T from 0.951 to 0.988 at 400 req/s. In the full sweep of 2026-11-23, a fast stretch, it
-changed within T by nothing measurable and cost 0.01-0.06 effective MRR@10 at 400 req/s (README
-"Under load").
+where j, the rung that a burst steps down to (``spare_from``), is the next level below k
+("next", the default) or the smallest ("smallest", the first form). With "smallest" one test
+gates every level above the smallest at once, so near u_min = 1 - σ the per-batch estimate of λ
+flips the batch between the largest level the other bounds allow and the smallest: in the SLO
+sweep of 2026-11-23 at 400 req/s elastic served 5 % and 20 % about half the time each (30 1-s
+windows of mean level 5 to 21), and the mix scored 0.362-0.386 effective MRR@10, under pure 10 %
+(0.401) and 20 % (0.427-0.431). With "next" each level is guarded by the one below it: as λ
+rises the level steps down one rung at a time, a batch's noise moves it between neighbours, and
+near the smallest level's own capacity (u_min > 1 - σ) the bound is the first form's.
+
+The handler's defaults are "next" and σ = 0.25, set by the probe of 2026-11-24 (README "Under
+load", "The spare bound from the next level"; 3 runs a point, interleaved): at 300-400 req/s
+they scored 0.398-0.442 effective MRR@10 at 0.990-0.9999 within T, against 0.367-0.431 for
+"smallest" at σ 0.4 (the previous default, which 0.4 was set for: its probe in a slow stretch
+raised the lowest within T from 0.951 to 0.988 at 400 req/s), and "next" at σ 0.4 stepped down
+to level 5-11 already at 300-400 req/s (0.347-0.393).
 
 The deadline rule picks the largest k that meets all of these. If no level meets them, the smallest
 level serves whatever was not shed.
@@ -115,6 +127,7 @@ from typing import Mapping, Sequence
 
 RULES = ("deadline", "paper")
 LATE_POLICIES = ("shed", "serve")
+SPARE_RUNGS = ("next", "smallest")
 
 
 @dataclass(frozen=True)
@@ -255,7 +268,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
                mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0,
-               return_share: float = 0.5) -> Plan:
+               return_share: float = 0.5, spare_from: str = "next") -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:
@@ -282,14 +295,16 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
             rate λ (deadline rule with λ > 0 only; 0 = off).
         return_share: r in [0, 2], the share of o budgeted for an answer's way back from the
             handler to the client (own deadline and shedding; module docstring).
+        spare_from: the rung j whose spare the spare bound tests for a level k: "next" (the
+            next calibrated level below k) or "smallest" (module docstring).
 
     Returns:
         A Plan; ``serve`` has one flag per entry of ``ages_ms``.
 
     Raises:
         ValueError: an empty batch, a bad rule / late policy / pinned level, a negative age, or
-            g < 0, T <= 0, o < 0, more requests than max_batch, min_spare outside [0, 1), or
-            return_share outside [0, 2].
+            g < 0, T <= 0, o < 0, more requests than max_batch, min_spare outside [0, 1),
+            return_share outside [0, 2], or spare_from not in SPARE_RUNGS.
     """
     if not ages_ms:
         raise ValueError("ages_ms: the batch is empty")
@@ -308,6 +323,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         raise ValueError(f"min_spare must be in [0, 1), got {min_spare}")
     if not 0 <= return_share <= 2:
         raise ValueError(f"return_share must be in [0, 2], got {return_share}")
+    if spare_from not in SPARE_RUNGS:
+        raise ValueError(f"spare_from must be one of {SPARE_RUNGS}, got {spare_from!r}")
     if min(ages_ms) < 0:
         raise ValueError(f"ages_ms must be >= 0, got {min(ages_ms)}")
     _check(queue_size, latency_constraint_ms, overhead_ms, len(ages_ms), max_batch)
@@ -332,9 +349,16 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         return Plan(None, tuple(serve), 0.0)
     oldest = max(a for a, s in zip(ages_ms, serve) if s)
 
-    # the spare bound, one test for every level above the smallest: u_min <= 1 - σ at full batches
-    spare_ok = not (rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0) or keeps_up(
-        arrival_rate_rps, cm_of[smallest] * cal.t(smallest, max_batch) + o, max_batch, 1 - min_spare)
+    # the spare bound: a level above the smallest needs its rung j (the next level down, or the
+    # smallest) to fill at most 1 - σ of the worker's time at λ and full batches
+    spare_on = rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0
+    ladder = sorted(cal.ms, reverse=True)
+
+    def spare_ok(level: int) -> bool:
+        if not spare_on or level == smallest:
+            return True
+        rung = smallest if spare_from == "smallest" else ladder[ladder.index(level) + 1]
+        return keeps_up(arrival_rate_rps, cm_of[rung] * cal.t(rung, max_batch) + o, max_batch, 1 - min_spare)
 
     chosen, failed = smallest, ()
     for level in levels:
@@ -346,7 +370,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         if rule == "deadline" and arrival_rate_rps > 0:
             cycle = steady_cycle_ms(arrival_rate_rps, cal, level, max_batch, o, cm, max_utilization)
             rate_ok = cycle is not None and 2 * cycle <= T
-        level_spare_ok = spare_ok or level == smallest
+        level_spare_ok = spare_ok(level)
         if queue_ok and own_ok and rate_ok and level_spare_ok:
             chosen = level
             break

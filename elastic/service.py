@@ -41,9 +41,9 @@ import torch
 from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.telemetry import Telemetry
-from elastic.schedule import (LATE_POLICIES, RULES, Calibration, LatencyCorrection, estimate_age_ms,
-                              level_corrections, monotone_calibration, parse_request_start,
-                              plan_batch)
+from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, Calibration, LatencyCorrection,
+                              estimate_age_ms, level_corrections, monotone_calibration,
+                              parse_request_start, plan_batch)
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,20 @@ class HandlerSettings:
             but held T better at 400 req/s (0.984-0.996 against 0.930), near the smallest
             SubLM's own capacity.
         min_spare: σ of the deadline rule's spare bound, in [0, 1): a SubLM above the smallest
-            is chosen only while the smallest, at the arrival rate and at full batches, would
-            leave at least this share of the worker's time spare; near the stack's last
-            capacity no smaller level is left to absorb a burst (elastic/schedule.py). 0 = off.
-            0.4 by the probe in README "Under load" (slo_probes/min-spare/, 3 runs a point):
-            the lowest within T rose from 0.972 to 0.988 at 300 req/s and from 0.951 to 0.988
-            at 400 against 0 (off), at the same effective MRR@10 at 300 req/s; 0.55 stepped
-            down to 5-16 % at 300 req/s already.
+            is chosen only while the level it would step down to in a burst (``spare_from``), at
+            the arrival rate and at full batches, would leave at least this share of the
+            worker's time spare; near the stack's last capacity no smaller level is left to
+            absorb a burst (elastic/schedule.py). 0 = off. 0.25 with "next" by the probe in
+            README "Under load", "The spare bound from the next level" (slo_probes/spare-from/,
+            3 runs a point): 0.4 with "next" stepped down to level 11 at 300 req/s already.
+            With "smallest", 0.4 came from the earlier probe (slo_probes/min-spare/): the
+            lowest within T rose from 0.972 to 0.988 at 300 req/s and from 0.951 to 0.988 at
+            400 against 0 (off).
+        spare_from: the rung whose spare the spare bound tests for a SubLM: "next" (the next
+            level down, so the level steps down one rung at a time as the rate rises) or
+            "smallest" (one test for every level above the smallest, the first form: at
+            400 req/s it flipped batches between 5 % and 20 % and scored 0.367-0.388 effective
+            MRR@10, against 0.398-0.406 for "next" at σ 0.25).
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
@@ -131,7 +138,8 @@ class HandlerSettings:
     late_requests: str = "shed"
     pin_level: Optional[int] = None
     max_utilization: float = 1.0
-    min_spare: float = 0.4
+    min_spare: float = 0.25
+    spare_from: str = "next"
     deadline_quantile: float = 0.98
     return_share: float = 0.5
     retry_after_s: int = 1
@@ -198,6 +206,8 @@ class HandlerSettings:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
         if not 0 <= s.min_spare < 1:
             raise ValueError(f"handler.min_spare: must be in [0, 1), got {s.min_spare}")
+        if s.spare_from not in SPARE_RUNGS:
+            raise ValueError(f"handler.spare_from: expected one of {list(SPARE_RUNGS)}, got {s.spare_from!r}")
         if not -20 <= s.worker_nice <= 19:
             raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
@@ -693,7 +703,8 @@ class ElasticServer:
             spent = (time.perf_counter() - start) * 1000  # this batch's handler time so far (parsing, tokenizing)
             plan = plan_batch([a + spent for a in ages], g, s.latency_constraint_ms, self.calibration,
                               self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
-                              self._arrival_rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share)
+                              self._arrival_rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share,
+                              s.spare_from)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
                 self.limited_by[name] += 1
@@ -755,6 +766,7 @@ class ElasticServer:
                                   for k, lc in self.level_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
+            "spare_from": self.settings.spare_from,
             "return_share": self.settings.return_share,
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),

@@ -248,7 +248,8 @@ def test_spare_bound_serves_the_smallest_level_near_its_capacity():
     # rho_max = 1: 50 % keeps up to 400 req/s, 20 % to 666. sigma = 0.4 lets a larger level serve while
     # u_min <= 0.6 (600 req/s), and only the smallest above it
     def level(rate, sigma, **kw):
-        return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=sigma, **kw)
+        return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=sigma,
+                          **{"spare_from": "smallest", **kw})
 
     assert [level(r, 0.0).level for r in (500, 600, 601, 666, 667)] == [20, 20, 20, 20, 5]
     assert [level(r, 0.4).level for r in (500, 600, 601, 666, 667)] == [20, 20, 5, 5, 5]
@@ -264,6 +265,29 @@ def test_spare_bound_serves_the_smallest_level_near_its_capacity():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="min_spare must be in \\[0, 1\\)"):
             level(100, bad)
+
+
+def test_spare_bound_from_the_next_level_steps_down_one_rung_at_a_time():
+    # full-batch cost per request, with o = 2: 5 % (6 + 2) / 8 = 1 ms, 10 % 1.25, 20 % 1.5, 50 % 2.5;
+    # so u_j = rate * cost_j / 1000, and with sigma = 0.4 a level needs the one below it at u <= 0.6
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 10: (2.5, 8.0), 5: (2.0, 6.0)})
+
+    def plan(rate, spare_from="next", **kw):
+        return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=0.4,
+                          spare_from=spare_from, **kw)
+
+    # 50 % keeps up to 400 req/s (rate bound); 20 % needs 10 % at u <= 0.6 (480 req/s); 10 % needs 5 %
+    # at u <= 0.6 (600 req/s); above that only the smallest
+    assert [plan(r).level for r in (400, 401, 480, 481, 600, 601)] == [50, 20, 20, 10, 10, 5]
+    assert plan(481).limited_by == ("spare",)  # 20 % met every other bound
+    # the first form gates every level on the smallest: 20 % up to 600 req/s, then 5 % at once
+    assert [plan(r, "smallest").level for r in (481, 600, 601)] == [20, 20, 5]
+    # the rung's own mean correction counts: 10 % at c̄ 1.2 costs (9.6 + 2) / 8 = 1.45 ms, over 0.6 at 414 req/s
+    slow10 = {50: 1.0, 20: 1.0, 10: 1.2, 5: 1.0}
+    assert plan(414, correction=slow10, mean_correction=slow10).level == 10
+    assert plan(413, correction=slow10, mean_correction=slow10).level == 20
+    with pytest.raises(ValueError, match="spare_from must be one of \\('next', 'smallest'\\), got 'largest'"):
+        plan(100, "largest")
 
 
 def test_rate_bound_needs_the_settled_cycle_within_half_of_T():

@@ -59,6 +59,7 @@ def test_settings_validation_names_the_field():
     ("worker_nice", -21, r"handler.worker_nice: must be in \[-20, 19\], got -21"),
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
     ("min_spare", 1, r"handler.min_spare: must be in \[0, 1\), got 1.0"),
+    ("spare_from", "largest", r"handler.spare_from: expected one of \['next', 'smallest'\], got 'largest'"),
     ("max_utilization", 0, r"handler.max_utilization: must be in \(0, 1\], got 0.0"),
     ("return_share", 3, r"handler.return_share: must be in \[0, 2\], got 3.0"),
 ])
