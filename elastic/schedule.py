@@ -349,19 +349,9 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         return Plan(None, tuple(serve), 0.0)
     oldest = max(a for a, s in zip(ages_ms, serve) if s)
 
-    # the spare bound: a level above the smallest needs its rung j (the next level down, or the
-    # smallest) to fill at most 1 - σ of the worker's time at λ and full batches
     spare_on = rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0
-    ladder = sorted(cal.ms, reverse=True)
-
-    def spare_ok(level: int) -> bool:
-        if not spare_on or level == smallest:
-            return True
-        rung = smallest if spare_from == "smallest" else ladder[ladder.index(level) + 1]
-        return keeps_up(arrival_rate_rps, cm_of[rung] * cal.t(rung, max_batch) + o, max_batch, 1 - min_spare)
-
     chosen, failed = smallest, ()
-    for level in levels:
+    for i, level in enumerate(levels):
         c, cm = c_of[level], cm_of[level]
         queue_ok = expected_latency_ms(queue_size, cm * cal.t(level, b) + o, cm * cal.t(level, max_batch) + o,
                                        max_batch) <= T
@@ -370,7 +360,13 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         if rule == "deadline" and arrival_rate_rps > 0:
             cycle = steady_cycle_ms(arrival_rate_rps, cal, level, max_batch, o, cm, max_utilization)
             rate_ok = cycle is not None and 2 * cycle <= T
-        level_spare_ok = spare_ok(level)
+        # the spare bound: a level above the smallest needs its rung j (the next level down, or
+        # the smallest) to fill at most 1 - σ of the worker's time at λ and full batches
+        level_spare_ok = True
+        if spare_on and level != smallest:
+            rung = smallest if spare_from == "smallest" else levels[i + 1]
+            level_spare_ok = keeps_up(arrival_rate_rps, cm_of[rung] * cal.t(rung, max_batch) + o, max_batch,
+                                      1 - min_spare)
         if queue_ok and own_ok and rate_ok and level_spare_ok:
             chosen = level
             break

@@ -249,7 +249,7 @@ def test_spare_bound_serves_the_smallest_level_near_its_capacity():
     # u_min <= 0.6 (600 req/s), and only the smallest above it
     def level(rate, sigma, **kw):
         return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=sigma,
-                          **{"spare_from": "smallest", **kw})
+                          spare_from="smallest", **kw)
 
     assert [level(r, 0.0).level for r in (500, 600, 601, 666, 667)] == [20, 20, 20, 20, 5]
     assert [level(r, 0.4).level for r in (500, 600, 601, 666, 667)] == [20, 20, 5, 5, 5]
