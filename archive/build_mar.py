@@ -8,7 +8,8 @@ torch-model-archiver.
                                                                    # -> elasticpipeline.mar
 
 Packs handler/elastic_handler.py, the elastic/ package, the model directory (config.json,
-model.safetensors, submap.json, tokenizer files), the FAISS index (index.faiss, pids.txt), the
+model.safetensors, submap.json, tokenizer files, query_heads.safetensors when the model has query
+heads: elastic/query_head.py), the FAISS index (index.faiss, pids.txt), the
 elastic metrics' metrics.yaml (elastic/telemetry.py) and a
 model-config.yaml (batchSize, maxBatchDelay, and under ``handler:`` the latency constraint T in
 milliseconds) into model_store/elasticdenser.mar. ``--archive-format no-archive`` writes a
@@ -32,6 +33,7 @@ from training.config import RecipeConfig, ServeConfig, load_config
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILES = ("config.json", "model.safetensors", "submap.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "special_tokens_map.json")  # whichever the tokenizer saved
+OPTIONAL_FILES = TOKENIZER_FILES + ("query_heads.safetensors",)  # packed when the model directory has them
 
 
 def model_config(serve: ServeConfig, query_max_length: int) -> dict:
@@ -128,7 +130,7 @@ def build_mar(model_dir: Path, index_dir: Path | None, export_path: Path, yaml_c
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "files"
         stage.mkdir()
-        for f in MODEL_FILES + TOKENIZER_FILES:
+        for f in MODEL_FILES + OPTIONAL_FILES:
             if (model_dir / f).exists():
                 shutil.copy(model_dir / f, stage / f)
         for f in ("index.faiss", "pids.txt") if index_dir is not None else ():
@@ -218,7 +220,7 @@ def stage_pipeline(denser_dir: Path, index_dir: Path, ranker_dir: Path, collecti
                                                        if f == quality else ""))
     for sub, src in (("denser", denser_dir), ("ranker", ranker_dir)):
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for f in MODEL_FILES + TOKENIZER_FILES:
+        for f in MODEL_FILES + OPTIONAL_FILES:
             if (src / f).exists():
                 shutil.copy(src / f, out / sub / f)
     for f in ("index.faiss", "pids.txt"):

@@ -2,7 +2,8 @@
 every static baseline, on one query set, qrels and collection.
 
     python -m benchmarks.evaluate --config configs/full.yaml \\
-        [--queries qid<TAB>query file] [--qrels TREC qrels] [--collection pid<TAB>passage file] [--out DIR]
+        [--queries qid<TAB>query file] [--qrels TREC qrels] [--collection pid<TAB>passage file] [--out DIR] \\
+        [--query-heads off]
 
 Defaults: the recipe's dev queries, qrels and collection (dev500 and the embedded sample).
 Rows: bm25, teacher, elastic (run_dir/elastic, each level), static (run_dir/static/<p>/elastic,
@@ -13,7 +14,9 @@ query (batch 1, 16 tokens) and of one batch (32 x 128 tokens) of the encoder on 
 with ``serve.torch_threads`` threads, as the TorchServe worker runs. BM25's latency is bm25s
 retrieving one query (``latency_b_ms``: 32 queries). Each system's passages are encoded by its
 passage side (finetune.json): the teacher's embeddings, or its own largest level, cached under
-run_dir/eval/cache/.
+run_dir/eval/cache/. A model with query heads (elastic/query_head.py) is scored through them, as it
+is served, and its ``params`` count them (d² + d per level); ``--query-heads off`` scores the
+same weights without them.
 
 Writes DIR (default run_dir/eval)/offline.json (one object per row; keys system, level,
 COLUMNS), offline.md and
@@ -36,6 +39,7 @@ import torch
 from elastic.data import read_qrels, read_tsv
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import retrieval_metrics
+from elastic.query_head import QueryHeads
 from elastic.structure import gflops, total_params
 from training.config import RecipeConfig, load_config, teacher_path
 from training.distill import fingerprint
@@ -110,27 +114,31 @@ def passage_embeddings(cfg: RecipeConfig, data: EvalData, enc: ElasticEncoder, l
 
 
 @torch.inference_mode()
-def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int, repeats: int = 20) -> float:
-    """Median wall time in milliseconds of one forward + pooling of a (batch, tokens) input."""
+def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int, repeats: int = 20,
+                       query: bool = False) -> float:
+    """Median wall time in milliseconds of one forward + pooling (+ the level's query head with
+    ``query``) of a (batch, tokens) input."""
     g = torch.Generator().manual_seed(0)
     b = {"input_ids": torch.randint(1000, enc.dims.vocab_size, (batch, tokens), generator=g),
          "attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
-    enc.embed(b, level)  # warm-up
+    enc.embed(b, level, query)  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        enc.embed(b, level)
+        enc.embed(b, level, query)
         times.append((time.perf_counter() - t) * 1000)
     return round(statistics.median(times), 3)
 
 
 def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str, latency: bool = True,
-                 passage_side: str | None = None) -> list[dict]:
+                 passage_side: str | None = None, query_heads: bool = True) -> list[dict]:
     """One row per level of the model directory (the teacher: one row, level None).
 
     ``passage_side`` ('teacher' or 'largest') overrides the model's own (finetune.json): which
-    encoder fills the index its levels are scored against."""
-    enc = ElasticEncoder(model_dir)
+    encoder fills the index its levels are scored against. ``query_heads``: score through the
+    model's query heads when it has them (they map into the teacher's space, so only against the
+    teacher's index)."""
+    enc = ElasticEncoder(model_dir, query_heads=query_heads)
     teacher = system == "teacher"
     side = passage_side or passage_side_of(model_dir)
     t_enc = enc if teacher else ElasticEncoder(teacher_path(cfg))
@@ -141,17 +149,19 @@ def score_system(cfg: RecipeConfig, data: EvalData, model_dir: Path, system: str
     index = flat_index(P)
     same_space = t_enc.dims.hidden_size == enc.dims.hidden_size
     tq = data.teacher_query_embeddings(cfg, t_enc) if same_space else None
+    heads = enc.query_heads is not None and side == "teacher"
     rows = []
     for level in enc.levels:
         sub = enc.sublm(level)
-        q = enc.encode(data.qtexts, level, cfg.encode.query_max_length, 128)
+        q = enc.encode(data.qtexts, level, cfg.encode.query_max_length, 128, query=heads)
         row = {"system": system, "level": None if teacher else level,
                **retrieval_metrics(data.qrels, dense_run(q, index, data.pids, data.qids)),
                "cos_to_teacher": round(float(torch.nn.functional.cosine_similarity(q, tq, dim=-1).mean()), 4)
                if same_space else None,
-               "params": total_params(enc.dims, sub), "gflops": round(gflops(enc.dims, sub), 4)}
+               "params": total_params(enc.dims, sub) + (QueryHeads.params(enc.dims.hidden_size) if heads else 0),
+               "gflops": round(gflops(enc.dims, sub), 4)}
         if latency:
-            row["latency_q_ms"] = encoder_latency_ms(enc, level, 1, 16)
+            row["latency_q_ms"] = encoder_latency_ms(enc, level, 1, 16, query=heads)
             row["latency_b_ms"] = encoder_latency_ms(enc, level, 32, 128, repeats=5)
         rows.append(row)
     return rows
@@ -174,8 +184,8 @@ def bm25_row(data: EvalData) -> dict:
             "latency_q_ms": timed(data.qtexts[:1], 20), "latency_b_ms": timed(data.qtexts[:32], 5)}
 
 
-def evaluate(cfg: RecipeConfig, data: EvalData) -> list[dict]:
-    """Every row of offline.json, in table order.
+def evaluate(cfg: RecipeConfig, data: EvalData, query_heads: bool = True) -> list[dict]:
+    """Every row of offline.json, in table order (``query_heads``: see :func:`score_system`).
 
     Raises:
         FileNotFoundError: run_dir/elastic or a static baseline the recipe asks for is missing.
@@ -190,7 +200,7 @@ def evaluate(cfg: RecipeConfig, data: EvalData) -> list[dict]:
                                     "training.static, or set static.enabled: false)")
     rows = [bm25_row(data)]
     for d, system in systems:
-        rows += score_system(cfg, data, d, system)
+        rows += score_system(cfg, data, d, system, query_heads=query_heads)
     return [{c: r.get(c) for c in COLUMNS} for r in rows]
 
 
@@ -239,16 +249,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: RecipeConfig, queries: str | None = None, qrels: str | None = None, collection: str | None = None,
-        out: Path | None = None) -> list[dict]:
+        out: Path | None = None, query_heads: bool = True) -> list[dict]:
     """Evaluate, write offline.json / offline.md / offline.png into ``out``, print the table."""
     t0 = time.time()
     data = EvalData.load(cfg, queries or cfg.data.dev_queries, qrels or cfg.data.qrels, collection or cfg.data.collection)
-    rows = evaluate(cfg, data)
+    rows = evaluate(cfg, data, query_heads)
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "offline.json").write_text(json.dumps(rows, indent=1) + "\n")
     md = (f"Queries {queries or cfg.data.dev_queries} ({len(data.qids)}), collection {data.collection} "
-          f"({len(data.pids):,} passages); latency: median ms, {cfg.serve.torch_threads} torch thread(s).\n\n"
+          f"({len(data.pids):,} passages); latency: median ms, {cfg.serve.torch_threads} torch thread(s)"
+          f"{'' if query_heads else '; query heads off'}.\n\n"
           + to_markdown(rows))
     (out / "offline.md").write_text(md)
     plot(rows, out / "offline.png")
@@ -263,8 +274,10 @@ def main() -> None:
     ap.add_argument("--qrels", help="TREC qrels (default: data.qrels)")
     ap.add_argument("--collection", help="pid<TAB>passage file (default: data.collection)")
     ap.add_argument("--out", type=Path, help="output directory (default: run_dir/eval)")
+    ap.add_argument("--query-heads", choices=("on", "off"), default="on",
+                    help="score models with query heads through them (on, as served) or without (off)")
     a = ap.parse_args()
-    run(load_config(a.config), a.queries, a.qrels, a.collection, a.out)
+    run(load_config(a.config), a.queries, a.qrels, a.collection, a.out, a.query_heads == "on")
 
 
 if __name__ == "__main__":

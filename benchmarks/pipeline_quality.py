@@ -70,7 +70,7 @@ def measure(cfg: RecipeConfig, data: EvalData, denser_run: Path, depths: list[in
                                                     max_length=cfg.encode.query_max_length)["input_ids"]) / len(qids)
     lists: dict[int, dict[str, list[str]]] = {}
     for d in denser.levels:
-        Q = denser.encode([queries[q] for q in qids], d, cfg.encode.query_max_length, 128)
+        Q = denser.encode([queries[q] for q in qids], d, cfg.encode.query_max_length, 128, query=True)
         _, idx = index.search(Q.numpy(), depth)
         lists[d] = {q: [served[j] for j in row if j >= 0 and served[j] in texts] for q, row in zip(qids, idx)}
     enc = {d: gflops(denser.dims, denser.sublm(d), round(q_tokens)) for d in denser.levels}  # query encoding

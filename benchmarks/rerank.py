@@ -223,7 +223,7 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
 
         denser = ElasticEncoder(denser_run / "elastic")
         dense_level = denser.levels[0]
-        Qd = denser.encode([queries[q] for q in qids], dense_level, cfg.encode.query_max_length, 128)
+        Qd = denser.encode([queries[q] for q in qids], dense_level, cfg.encode.query_max_length, 128, query=True)
         served = faiss.read_index(str(index_dir / "index.faiss"))
         served_pids = (index_dir / "pids.txt").read_text().split()
         _, idx = served.search(Qd.numpy(), min(depth, len(served_pids)))

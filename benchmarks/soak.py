@@ -84,7 +84,7 @@ def offline_scores(model_dir: Path, queries: dict[str, str], max_length: int) ->
     texts = [queries[q] for q in qids]
     out = {}
     for level in enc.levels:
-        q = enc.encode(texts, level, max_length, 128).numpy()  # (Q, d)
+        q = enc.encode(texts, level, max_length, 128, query=True).numpy()  # (Q, d), as served
         out[level] = q @ vectors.T  # (Q, N)
     return out, {q: i for i, q in enumerate(qids)}, pids
 

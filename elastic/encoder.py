@@ -2,7 +2,9 @@
 
 A model directory holds ``config.json``, ``model.safetensors`` and tokenizer files, as any
 local BERT-family checkpoint; an exported elastic model adds ``submap.json``. A directory
-without submap.json is a teacher: one level, 100, the full layout.
+without submap.json is a teacher: one level, 100, the full layout. An ElasticDenser model may add
+``query_heads.safetensors``: a query head per level (elastic/query_head.py), applied to query
+embeddings only (``query=True``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from elastic.query_head import FILE as QUERY_HEADS, QueryHeads
 from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool, save_state
 from elastic.submap import Submap
 
@@ -34,14 +37,16 @@ class ElasticEncoder:
 
     Args:
         model_dir: a directory as described in the module docstring.
+        query_heads: load query_heads.safetensors when the directory has one (False: the SubLMs'
+            pooled embeddings as they are, for measuring what the heads add).
 
     Raises:
         FileNotFoundError: config.json or model.safetensors is missing.
-        ValueError: submap.json is malformed or does not match the weights (the message names
-            the field or tensor).
+        ValueError: submap.json or query_heads.safetensors is malformed or does not match the
+            weights (the message names the file and the field or tensor).
     """
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, query_heads: bool = True):
         from transformers import AutoTokenizer
 
         self.model_dir = d = Path(model_dir)
@@ -62,16 +67,21 @@ class ElasticEncoder:
                 f"submap.json levels['{self.submap.largest}'] (the stored layout) does not match the weights: {e}"
             ) from None
         self.model.eval()
+        self.query_heads = (QueryHeads.load(d / QUERY_HEADS, self.levels, self.dims.hidden_size, d / "model.safetensors")
+                            if query_heads and (d / QUERY_HEADS).exists() else None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
 
     def save(self, out: str | Path, model: ElasticBert | None = None, submap: Submap | None = None) -> None:
         """Write a model directory: config.json, model.safetensors (``model``, default this
-        one's), submap.json (``submap``, default this one's) and the tokenizer files."""
+        one's), submap.json (``submap``, default this one's) and the tokenizer files. Query heads
+        are not written (they belong to the weights they were fitted to; training/align.py fits
+        new ones), and stale ones in ``out`` are removed."""
         import shutil
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model = model or self.model
+        (out / QUERY_HEADS).unlink(missing_ok=True)
         save_state(model, out / "model.safetensors")
         (submap or self.submap).save(out / "submap.json", self.dims)
         shutil.copy(self.model_dir / "config.json", out / "config.json")
@@ -105,15 +115,22 @@ class ElasticEncoder:
         """(B, T, d) last hidden states -> (B, d) embeddings, pooled as submap.json says."""
         return pool(hidden, attention_mask, self.submap.pooling, self.submap.normalize)
 
-    def embed(self, batch: dict[str, torch.Tensor], level: int, **gates: list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: dict[str, torch.Tensor], level: int, query: bool = False,
+              **gates: list[torch.Tensor]) -> torch.Tensor:
         """(B, d) embeddings of a tokenized batch by the SubLM at ``level``: ``pool(hidden(...))``
-        (grad follows torch's grad mode, so training code calls this too)."""
-        return self.pool(self.hidden(batch, level, **gates), batch["attention_mask"])
+        (grad follows torch's grad mode, so training code calls this too). ``query``: the batch
+        holds queries, so the level's query head maps the embedding when the model has heads
+        (passages and models without heads: unchanged)."""
+        s = self.pool(self.hidden(batch, level, **gates), batch["attention_mask"])
+        if query and self.query_heads is not None:
+            s = self.query_heads.apply(s, level, self.submap.normalize)
+        return s
 
     @torch.inference_mode()
     def encode(self, texts: list[str], level: int, max_length: int = 128, batch_size: int = 64,
-               progress: bool = False) -> torch.Tensor:
-        """(N, d) float32 embeddings of ``texts`` in input order; batches are length-sorted."""
+               progress: bool = False, query: bool = False) -> torch.Tensor:
+        """(N, d) float32 embeddings of ``texts`` in input order; batches are length-sorted.
+        ``query``: as for :meth:`embed`."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = torch.empty(len(texts), self.dims.hidden_size)
         starts = range(0, len(texts), batch_size)
@@ -123,5 +140,5 @@ class ElasticEncoder:
             starts = tqdm(starts, desc=f"encode level {level}", unit="batch")
         for s in starts:
             idx = order[s:s + batch_size]
-            out[idx] = self.embed(self.tokenize([texts[i] for i in idx], max_length), level)
+            out[idx] = self.embed(self.tokenize([texts[i] for i in idx], max_length), level, query)
         return out

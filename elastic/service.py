@@ -801,7 +801,7 @@ def dense_search(encoder: ElasticEncoder, index, vectors: torch.Tensor | None, i
     over ``vectors`` (``flat_ip_vectors``) when given, else FAISS's search."""
     batch = encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     with torch.inference_mode():
-        q = encoder.embed(batch, level)
+        q = encoder.embed(batch, level, query=True)  # (B, d), through the level's query head if any
         if vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
             top = torch.topk(q @ vectors.T, min(k, vectors.shape[0]), dim=1)
             return top.values.numpy(), top.indices.numpy()
@@ -842,6 +842,11 @@ class ElasticRetriever(ElasticServer):
     @property
     def levels(self) -> list[int]:
         return self.encoder.levels
+
+    def describe(self) -> dict:
+        """The base description, plus whether queries go through per-level query heads
+        (elastic/query_head.py)."""
+        return {**super().describe(), "query_heads": self.encoder.query_heads is not None}
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated (their lengths decide over-long queries)."""

@@ -141,6 +141,22 @@ class QueryDistillConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Query heads fitted after query distillation (training/align.py, elastic/query_head.py)."""
+
+    enabled: bool = _f(True, "after query_distill, fit one affine query head per level (ridge regression of the "
+                       "teacher's query embedding on the SubLM's, over the training queries) and serve through it")
+    alphas: list = _f([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0],
+                      "ridge penalties tried; scikit-learn's RidgeCV picks one per level by efficient leave-one-out "
+                      "error (the penalty is on the summed squared error, so it scales with the query count)")
+    max_queries: int = _f(10000, "training queries the heads are fitted on (a seeded sample; 0 = all): every level "
+                          "encodes them once, and 10,000 queries hold 26 per parameter of a 384-wide head's row")
+    holdout: float = _f(0.05, "share of those queries held out of the fit, to report each head's cosine to the "
+                        "teacher before and after (align.json)")
+    seed: int = _f(0, "random seed of the sample and of the held-out split")
+
+
+@dataclass
 class StaticConfig:
     enabled: bool = _f(True, "train the 'w/o elasticity' baselines: each level alone, same recipe and step budget")
     levels: list = _f([], "levels to train alone (empty = every level of prune.levels)")
@@ -305,6 +321,7 @@ class RecipeConfig:
                          "training/finetune.py)")
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     query_distill: QueryDistillConfig = field(default_factory=QueryDistillConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     static: StaticConfig = field(default_factory=StaticConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -403,6 +420,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError("config query_distill.length_window: must be >= 0 (0 = uniform sampling)")
     if not 0 <= qd.warmup < 1:
         raise ValueError("config query_distill.warmup: a fraction of steps in [0, 1)")
+    al = cfg.align
+    if not al.alphas or not all(isinstance(a, (int, float)) and a > 0 for a in al.alphas):
+        raise ValueError(f"config align.alphas: expected a non-empty list of positive numbers, got {al.alphas!r}")
+    if al.max_queries < 0:
+        raise ValueError(f"config align.max_queries: must be >= 0 (0 = all), got {al.max_queries}")
+    if not 0 <= al.holdout < 0.5:
+        raise ValueError(f"config align.holdout: a share of the training queries in [0, 0.5), got {al.holdout}")
     if not cfg.data.train_queries or not all(isinstance(f, str) for f in cfg.data.train_queries):
         raise ValueError(f"config data.train_queries: expected a non-empty list of file paths, got {cfg.data.train_queries!r}")
     if cfg.finetune.kd_weight < 0:
