@@ -157,3 +157,18 @@ def test_served_answers_go_through_the_heads(headed):
             assert [h["pid"] for h in out["results"]] == [r.pids[j] for j in idx[0]]
         else:  # random heads change the ranking: the answer is not the headless one
             assert [h["pid"] for h in out["results"]] != [r.pids[j] for j in idx[0]]
+
+
+def test_the_archive_packs_the_heads_with_a_subset_of_levels(headed, tmp_path):
+    from archive.build_mar import build_mar
+    from elastic.service import ElasticRetriever, FixedQueue, HandlerSettings
+
+    out = build_mar(headed, headed, tmp_path / "store", {"batchSize": 2, "handler": {"latency_constraint_ms": 1000}},
+                    archive_format="no-archive", levels=[50, 10])
+    served = ElasticEncoder(out)
+    assert served.levels == [50, 10] and sorted(served.query_heads.heads) == [10, 50]
+    want = ElasticEncoder(headed).encode(QUERIES, 10, 16, query=True)
+    assert torch.allclose(served.encode(QUERIES, 10, 16, query=True), want, atol=1e-6)
+    r = ElasticRetriever(out, HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16, calibration_repeats=1),
+                         max_batch=2, queue=FixedQueue(0))
+    assert r.describe()["query_heads"] is True
