@@ -4,7 +4,7 @@
 
 prune the bundled teacher into nested SubLMs -> [task-agnostic elastic distillation (MiniLMv2
 relations), when the recipe enables it] -> the task stage (query-side distillation to the
-teacher's index, or fine-tuning) -> [static baselines, when the recipe enables them]
+teacher's index, or fine-tuning) -> [query heads per level, after query distillation] -> [static baselines, when the recipe enables them]
 -> FAISS index -> offline evaluation (BM25, teacher, every level) ->
 model_store/elasticdenser.mar -> TorchServe + Locust rush -> report. Prints where the report is.
 """
