@@ -114,6 +114,9 @@ class HandlerSettings:
             tokens, as offline evaluation encodes it, and the answer says "truncated": true; the
             default) or "refuse" (400 naming the limit).
         top_k: retrieval: passages returned per query.
+        query_heads: retrieval and pipeline: encode queries through the model's per-level query
+            heads (query_heads.safetensors, elastic/query_head.py) when it has them; False serves
+            the same weights without them (to compare, or to fall back) with no rebuild.
         max_passages: rerank: most passages in one request. t_k is calibrated at this many
             pairs per request, so that the schedule's prediction bounds every request; a longer
             list is refused with 400 naming the limit.
@@ -149,6 +152,7 @@ class HandlerSettings:
     query_max_length: int = 32
     long_queries: str = "truncate"
     top_k: int = 10
+    query_heads: bool = True
     max_passages: int = 20
     pair_max_length: int = 160
     torch_threads: int = 1
@@ -834,7 +838,7 @@ class ElasticRetriever(ElasticServer):
         super().__init__(settings, max_batch, queue, max_batch_delay_ms)
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
-        self.encoder = ElasticEncoder(d)
+        self.encoder = ElasticEncoder(d, query_heads=settings.query_heads)
         self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
         self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
         self._ready(d)
@@ -1171,7 +1175,7 @@ class ElasticPipelineServer(ElasticRetriever):
         ElasticServer.__init__(self, settings, max_batch, queue, max_batch_delay_ms)
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
-        self.encoder = ElasticEncoder(d / "denser")
+        self.encoder = ElasticEncoder(d / "denser", query_heads=settings.query_heads)
         self.ranker = CrossEncoder(d / "ranker", settings.pair_max_length)
         self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
         self._vectors = flat_ip_vectors(self.index)

@@ -172,3 +172,18 @@ def test_the_archive_packs_the_heads_with_a_subset_of_levels(headed, tmp_path):
     r = ElasticRetriever(out, HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16, calibration_repeats=1),
                          max_batch=2, queue=FixedQueue(0))
     assert r.describe()["query_heads"] is True
+
+
+def test_the_handler_setting_serves_without_the_heads(headed):
+    from elastic.service import ElasticRetriever, FixedQueue, HandlerSettings
+
+    settings = HandlerSettings.from_yaml({"latency_constraint_ms": 1000, "query_max_length": 16,
+                                          "calibration_repeats": 1, "query_heads": False}, environ={})
+    r = ElasticRetriever(headed, settings, max_batch=2, queue=FixedQueue(0))
+    assert r.encoder.query_heads is None and r.describe()["query_heads"] is False
+    out = r.handle_batch([{"query": "what is a bank"}])[0].payload
+    q = ElasticEncoder(headed, query_heads=False).encode(["what is a bank"], out["level"], 16)
+    _, idx = r.index.search(np.asarray(q.numpy()), 10)
+    assert [h["pid"] for h in out["results"]] == [r.pids[j] for j in idx[0]]
+    with pytest.raises(ValueError, match="handler.query_heads: expected bool, got 'maybe'"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "query_heads": "maybe"}, environ={})
