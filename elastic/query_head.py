@@ -43,6 +43,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 @dataclass
 class QueryHeads:
     """Per-level affine query heads (see the module docstring).
@@ -98,23 +106,21 @@ class QueryHeads:
             ValueError: a level without a head, a tensor of the wrong shape, or heads fitted to
                 other weights (each message names the file and the tensor or field).
         """
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = set(f.keys())
-            heads = {}
-            for level in levels:
-                for part, shape in (("weight", (hidden_size, hidden_size)), ("bias", (hidden_size,))):
-                    name = f"{level}.{part}"
-                    if name not in names:
-                        raise ValueError(f"{path}: no tensor '{name}' (every level of submap.json needs a head)")
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != shape:
-                        raise ValueError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape} "
-                                         f"(config.json hidden_size {hidden_size})")
-                heads[level] = (f.get_tensor(f"{level}.weight").float(), f.get_tensor(f"{level}.bias").float())
+        meta = read_metadata(path)
+        tensors = load_file(str(path))
+        heads = {}
+        for level in levels:
+            for part, shape in (("weight", (hidden_size, hidden_size)), ("bias", (hidden_size,))):
+                name = f"{level}.{part}"
+                if name not in tensors:
+                    raise ValueError(f"{path}: no tensor '{name}' (every level of submap.json needs a head)")
+                if tuple(tensors[name].shape) != shape:
+                    raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected "
+                                     f"{shape} (config.json hidden_size {hidden_size})")
+            heads[level] = (tensors[f"{level}.weight"].float(), tensors[f"{level}.bias"].float())
         sha = meta.get("model_sha256")
         if sha is None:
             raise ValueError(f"{path}: metadata 'model_sha256' is missing")

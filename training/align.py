@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic.encoder import ElasticEncoder
-from elastic.query_head import FILE as QUERY_HEADS, QueryHeads, file_sha256
+from elastic.query_head import FILE as QUERY_HEADS, QueryHeads, file_sha256, read_metadata
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.finetune import passage_side_of
 from training.teacher import teacher_side
@@ -103,10 +103,7 @@ def align(cfg: RecipeConfig, model_dir: Path, texts: list[str] | None = None, ta
     sha = file_sha256(model_dir / "model.safetensors")
     f = model_dir / QUERY_HEADS
     if f.exists() and (model_dir / "align.json").exists():
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata() or {}
+        meta = read_metadata(f)
         if meta.get("model_sha256") == sha and meta.get("align_key") == key:
             print(f"[align] {model_dir}: query heads already fitted to these weights", flush=True)
             return json.loads((model_dir / "align.json").read_text())
