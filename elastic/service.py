@@ -400,25 +400,35 @@ class Result:
     headers: dict = field(default_factory=dict)
 
 
-def flat_ip_vectors(index) -> torch.Tensor | None:
-    """The (N, d) float32 vectors of an exact inner-product FAISS index (IndexFlatIP), as a
-    view of the index's memory, else None.
+def flat_ip_matrix(index) -> torch.Tensor | None:
+    """The vectors of an exact inner-product FAISS index (IndexFlatIP) as one (d, N) float32
+    matrix, a passage per column, for ``q @ matrix`` then ``torch.topk``; None for any other index.
 
-    Why: below 20 queries (faiss ``distance_compute_blas_threshold``) IndexFlatIP.search scans
-    the whole index once per query, so a batch of 8 reads the N x d matrix 8 times; one sgemm
-    (``q @ V.T``, then ``torch.topk``) reads it once. Measured on the demo index (9,844 x 384,
-    one thread, ``python -m benchmarks.search_cost``): FAISS 0.63 / 4.85 / 9.9 ms per batch of
-    1 / 8 / 16 against 0.66 / 1.97 / 2.2 ms (benchmarks/results/search.md). Other index types
-    (IVF, HNSW, PQ) and an empty index keep FAISS's own search.
+    Why one sgemm: below 20 queries (faiss ``distance_compute_blas_threshold``)
+    IndexFlatIP.search scans the whole index once per query, so a batch of 8 reads the N x d
+    matrix 8 times; one sgemm reads it once.
+
+    Why (d, N) and not FAISS's own (N, d) rows: with the rows, ``q @ V.T`` at 2-3 queries took
+    longer than at 4 (measured, not explained: the search alone 1.0 / 3.2 / 2.6 / 1.7 ms at
+    1 / 2 / 3 / 4 queries over rows, 0.3 / 0.8 / 0.9 / 1.6 ms over columns; in the SLO probe of
+    2026-11-24 a batch of 3 spent 7.9-9.1 ms in the model path against 5.8-6.0 ms for 4). Encode + search
+    at level 5 on the demo index, per batch of 1 / 3 / 8 queries: rows 3.0 / 7.3 / 6.5 ms,
+    columns 2.1 / 4.0 / 6.2 ms (benchmarks/results/search.md).
+
+    FAISS's own search is as fast on the demo index (2.0 / 3.6 / 6.3 ms there): its 15 MB fit in
+    this CPU's 32 MB L3 cache, so reading them once per query costs little. On a random index of
+    200,000 x 384 (300 MB) one sgemm took 45 ms per batch of 8 against FAISS's 86 ms (12.7 / 38.8
+    against 12.3 / 33.5 ms at 1 / 3 queries): the matrix is read once per batch, however large.
+
+    The matrix is a copy (the index's rows cannot be read as columns): the caller drops the
+    index once it holds the matrix, so the vectors stay in memory once.
     """
     import faiss
 
     if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT or not index.ntotal:
         return None
-    # a view of the index's own storage (no second copy of the N x d matrix): valid while
-    # ``index`` lives, which the caller keeps
-    xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
-    return torch.from_numpy(xb).view(index.ntotal, index.d)  # (N, d) float32
+    xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)  # a view of the index's storage
+    return torch.from_numpy(xb).view(index.ntotal, index.d).T.contiguous()  # (d, N) float32
 
 
 class ElasticServer:
@@ -799,15 +809,15 @@ def load_index(d: Path, hidden_size: int):
     return index, pids
 
 
-def dense_search(encoder: ElasticEncoder, index, vectors: torch.Tensor | None, ids: list[list[int]], level: int,
+def dense_search(encoder: ElasticEncoder, index, matrix: torch.Tensor | None, ids: list[list[int]], level: int,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, k) scores and index rows of already tokenized queries encoded at ``level``: one sgemm
-    over ``vectors`` (``flat_ip_vectors``) when given, else FAISS's search."""
+    over ``matrix``, (d, N) (``flat_ip_matrix``), when given, else ``index``'s FAISS search."""
     batch = encoder.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     with torch.inference_mode():
         q = encoder.embed(batch, level, query=True)  # (B, d), through the level's query head if any
-        if vectors is not None:  # exact inner product: the same top-k as IndexFlatIP.search
-            top = torch.topk(q @ vectors.T, min(k, vectors.shape[0]), dim=1)
+        if matrix is not None:  # exact inner product: the same top-k as IndexFlatIP.search
+            top = torch.topk(q @ matrix, min(k, matrix.shape[1]), dim=1)  # (B, N) scores -> (B, k)
             return top.values.numpy(), top.indices.numpy()
     return index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)
 
@@ -840,7 +850,9 @@ class ElasticRetriever(ElasticServer):
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d, query_heads=settings.query_heads)
         self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
-        self._vectors = flat_ip_vectors(self.index)  # (N, d) for one sgemm per batch; None: FAISS searches
+        self._matrix = flat_ip_matrix(self.index)  # (d, N) for one sgemm per batch; None: FAISS searches
+        if self._matrix is not None:
+            self.index = None  # its vectors now live in the matrix alone
         self._ready(d)
 
     @property
@@ -858,7 +870,7 @@ class ElasticRetriever(ElasticServer):
 
     def _search(self, ids: list[list[int]], level: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, top_k) scores and index rows for already tokenized queries, at ``level``."""
-        return dense_search(self.encoder, self.index, self._vectors, ids, level, self.settings.top_k)
+        return dense_search(self.encoder, self.index, self._matrix, ids, level, self.settings.top_k)
 
     def _prepare(self, bodies: list[Any]) -> list[Any]:
         out: list[Any] = [None] * len(bodies)
@@ -1178,7 +1190,9 @@ class ElasticPipelineServer(ElasticRetriever):
         self.encoder = ElasticEncoder(d / "denser", query_heads=settings.query_heads)
         self.ranker = CrossEncoder(d / "ranker", settings.pair_max_length)
         self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
-        self._vectors = flat_ip_vectors(self.index)
+        self._matrix = flat_ip_matrix(self.index)  # (d, N); None: FAISS searches
+        if self._matrix is not None:
+            self.index = None  # its vectors now live in the matrix alone
         text = read_tsv(d / "passages.tsv.gz")
         missing = [p for p in self.pids if p not in text]
         if missing:
@@ -1214,7 +1228,7 @@ class ElasticPipelineServer(ElasticRetriever):
 
         cfg, top_k = self.configs[level], self.settings.top_k
         ids = [tok for tok, _ in items]
-        scores, rows = dense_search(self.encoder, self.index, self._vectors, ids, cfg.denser_level,
+        scores, rows = dense_search(self.encoder, self.index, self._matrix, ids, cfg.denser_level,
                                     max(top_k, cfg.depth))
         if cfg.depth == 0:
             return cfg, [[(int(j), float(v), "dense") for j, v in zip(r[:top_k], sc[:top_k]) if j >= 0]

@@ -100,3 +100,13 @@ def pipeline_dir(tmp_path_factory, tiny_elastic):
     table = write_table(root / "quality.json", [(30, None, 0, 0.10), (10, None, 0, 0.20), (50, None, 0, 0.30),
                                                 (10, 25, 3, 0.35), (50, 50, 5, 0.40)])
     return stage_pipeline(tiny_elastic, tiny_elastic, root / "ranker", root / "collection.tsv", table, root / "model")
+
+
+def faiss_top(model_dir, q, k: int = 10):
+    """Index rows of the top k of each query in (B, d) ``q`` by FAISS over ``model_dir``'s
+    index.faiss, read afresh: the offline reference that served answers are checked against."""
+    import faiss
+    import numpy as np
+
+    index = faiss.read_index(str(Path(model_dir) / "index.faiss"))
+    return index.search(np.ascontiguousarray(q.numpy(), dtype=np.float32), k)[1]

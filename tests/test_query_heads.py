@@ -13,6 +13,7 @@ from elastic.encoder import ElasticEncoder
 from elastic.query_head import FILE, QueryHeads, file_sha256
 from training.align import align, fit_heads
 from training.config import RecipeConfig, load_config
+from tests.conftest import faiss_top
 
 QUERIES = ["what is a bank", "who wrote hamlet", "how tall is the eiffel tower", "define photosynthesis",
            "cheap flights to rome", "symptoms of flu", "python list sort", "capital of peru"]
@@ -152,7 +153,7 @@ def test_served_answers_go_through_the_heads(headed):
     out = r.handle_batch([{"query": "what is a bank"}])[0].payload
     for enc in (ElasticEncoder(headed), ElasticEncoder(headed, query_heads=False)):
         q = enc.encode(["what is a bank"], out["level"], 16, query=True)
-        _, idx = r.index.search(np.asarray(q.numpy()), 10)
+        idx = faiss_top(headed, q)
         if enc.query_heads is not None:
             assert [h["pid"] for h in out["results"]] == [r.pids[j] for j in idx[0]]
         else:  # random heads change the ranking: the answer is not the headless one
@@ -183,7 +184,7 @@ def test_the_handler_setting_serves_without_the_heads(headed):
     assert r.encoder.query_heads is None and r.describe()["query_heads"] is False
     out = r.handle_batch([{"query": "what is a bank"}])[0].payload
     q = ElasticEncoder(headed, query_heads=False).encode(["what is a bank"], out["level"], 16)
-    _, idx = r.index.search(np.asarray(q.numpy()), 10)
+    idx = faiss_top(headed, q)
     assert [h["pid"] for h in out["results"]] == [r.pids[j] for j in idx[0]]
     with pytest.raises(ValueError, match="handler.query_heads: expected bool, got 'maybe'"):
         HandlerSettings.from_yaml({"latency_constraint_ms": 50, "query_heads": "maybe"}, environ={})

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from elastic.schedule import Calibration, LatencyCorrection
+from tests.conftest import faiss_top
 from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, http_refusal, parse_query
 
 
@@ -96,13 +97,13 @@ def test_bad_request_does_not_fail_its_batch(retriever):
     assert "Server-Timing" not in out[1].headers
 
 
-def test_long_queries_are_truncated_as_offline_evaluation_encodes_them_or_refused(retriever, monkeypatch):
+def test_long_queries_are_truncated_as_offline_evaluation_encodes_them_or_refused(retriever, tiny_elastic, monkeypatch):
     import dataclasses
 
     long_query = "what is the population of " + "the largest city in the northern region of " * 4
     out = retriever.handle_batch([{"query": long_query}])[0].payload
     q = retriever.encoder.encode([long_query], out["level"], 16)  # the tokenizer's truncation to 16 tokens
-    top = torch.topk(q @ retriever._vectors.T, 10).indices[0]
+    top = faiss_top(tiny_elastic, q)[0]
     assert out["truncated"] is True and [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in top]
     monkeypatch.setattr(retriever, "settings", dataclasses.replace(retriever.settings, long_queries="refuse"))
     out = retriever.handle_batch([{"query": long_query}, {"query": "short one"}])
@@ -132,13 +133,12 @@ def test_http_refusal(body, ctype, status):
         assert 'send a JSON body {"query": "..."}' in r.payload["error"]
 
 
-def test_answers_equal_direct_search_at_that_level(retriever):
-    import numpy as np
-
+def test_answers_equal_direct_search_at_that_level(retriever, tiny_elastic):
     out = retriever.handle_batch([{"query": "what is a bank"}])[0].payload
     q = retriever.encoder.encode(["what is a bank"], out["level"], 16)
-    _, idx = retriever.index.search(np.asarray(q.numpy()), 10)
+    idx = faiss_top(tiny_elastic, q)
     assert [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in idx[0]]
+    assert retriever.index is None and retriever._matrix.shape == (q.shape[1], len(retriever.pids))  # one copy
 
 
 def fix_schedule_inputs(monkeypatch, retriever, cal):
@@ -444,22 +444,23 @@ def test_sgemm_search_equals_faiss_flat_ip_and_other_indexes_keep_faiss():
     import numpy as np
     import torch
 
-    from elastic.service import flat_ip_vectors
+    from elastic.service import flat_ip_matrix
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((301, 37)).astype(np.float32)
     q = rng.standard_normal((8, 37)).astype(np.float32)
     ip = faiss.IndexFlatIP(37)
     ip.add(x)
-    v = flat_ip_vectors(ip)
-    assert v.shape == (301, 37)
-    top = torch.topk(torch.from_numpy(q) @ v.T, 10, dim=1)
+    m = flat_ip_matrix(ip)
+    assert m.shape == (37, 301) and m.is_contiguous()  # a passage per column
     d_ref, i_ref = ip.search(q, 10)
-    assert np.array_equal(top.indices.numpy(), i_ref)
-    assert np.allclose(top.values.numpy(), d_ref, atol=1e-5)
+    for b in range(1, 9):  # every batch size the worker runs (the small-M kernels differ)
+        top = torch.topk(torch.from_numpy(q[:b]) @ m, 10, dim=1)
+        assert np.array_equal(top.indices.numpy(), i_ref[:b])
+        assert np.allclose(top.values.numpy(), d_ref[:b], atol=1e-5)
     l2 = faiss.IndexFlatL2(37)
     l2.add(x)
-    assert flat_ip_vectors(l2) is None  # L2 distances are not inner products: FAISS searches
+    assert flat_ip_matrix(l2) is None  # L2 distances are not inner products: FAISS searches
 
 
 def test_worker_nice_without_the_capability_fails_the_load_naming_the_field(tiny_elastic, monkeypatch):
