@@ -113,6 +113,28 @@ to level 5-11 already at 300-400 req/s (0.347-0.393).
 The deadline rule picks the largest k that meets all of these. If no level meets them, the smallest
 level serves whatever was not shed.
 
+4. A standing queue is drained, not served at its limit (``standing_interval_ms``; 0 = off).
+   Shedding request by request keeps each answer within T, but near the smallest level's
+   capacity it can also hold the server in a second, worse equilibrium. Once a transient has
+   filled the frontend's queue, every batch is full, its oldest requests are shed, and the rest
+   are served just inside T; the model path costs about as much for the few that remain as for
+   a full batch (in the SLO probe of 2026-11-24 at 600 req/s, level 5: 6.3 ms for 4 requests,
+   7.9 ms for 8), so the worker still moves only a full batch per cycle, as many as arrive, and
+   the queue never drains. The first run of the demo's elastic server at 600 req/s fell into
+   it twice in a row after its first batches ran at level 50 on a cold worker: 0.72 within T,
+   3,700-4,000 shed in 30 s, the youngest request of a batch 26.5 ms old at the median (3.5 ms
+   in the runs that did not fall in), while static 5 % beside it kept 0.97-0.996. A batch that
+   sheds every request costs the worker almost nothing, so shedding whole batches while the
+   queue stands empties it in a few batches, after which every batch is young again. The test
+   is CoDel's (Nichols & Jacobson, "Controlling Queue Delay", ACM Queue 2012): the queue stands
+   when the youngest request of every batch for the last ``standing_interval_ms`` was older
+   than the target τ = ``standing_target``·T (``StandingQueue``):
+
+       standing_ms >= standing_interval_ms   =>   shed every request of the batch   (drain)
+
+   The drain goes on batch by batch while the youngest request stays older than τ, and ends at
+   the first batch younger than that. It is part of shedding (``late="shed"``) only.
+
 Everything here is pure: no TorchServe, no clock, no I/O. The serving core passes the ages, g,
 the calibration and c in, and gets a ``Plan`` back. Times are milliseconds.
 """
@@ -268,7 +290,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
                mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0,
-               return_share: float = 0.5, spare_from: str = "next") -> Plan:
+               return_share: float = 0.5, spare_from: str = "next", standing_ms: float = 0.0,
+               standing_interval_ms: float = 0.0) -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:
@@ -297,6 +320,9 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
             handler to the client (own deadline and shedding; module docstring).
         spare_from: the rung j whose spare the spare bound tests for a level k: "next" (the
             next calibrated level below k) or "smallest" (module docstring).
+        standing_ms: how long the frontend's queue has stood (ms, >= 0; ``StandingQueue``).
+        standing_interval_ms: drain a queue that has stood this long (ms, >= 0; 0 = off): every
+            request of the batch is shed (module docstring, point 4). Shedding only.
 
     Returns:
         A Plan; ``serve`` has one flag per entry of ``ages_ms``.
@@ -304,7 +330,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
     Raises:
         ValueError: an empty batch, a bad rule / late policy / pinned level, a negative age, or
             g < 0, T <= 0, o < 0, more requests than max_batch, min_spare outside [0, 1),
-            return_share outside [0, 2], or spare_from not in SPARE_RUNGS.
+            return_share outside [0, 2], spare_from not in SPARE_RUNGS, or a negative
+            standing_ms or standing_interval_ms.
     """
     if not ages_ms:
         raise ValueError("ages_ms: the batch is empty")
@@ -327,7 +354,12 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         raise ValueError(f"spare_from must be one of {SPARE_RUNGS}, got {spare_from!r}")
     if min(ages_ms) < 0:
         raise ValueError(f"ages_ms must be >= 0, got {min(ages_ms)}")
+    if standing_ms < 0 or standing_interval_ms < 0:
+        raise ValueError(f"standing_ms and standing_interval_ms must be >= 0, got {standing_ms}, "
+                         f"{standing_interval_ms}")
     _check(queue_size, latency_constraint_ms, overhead_ms, len(ages_ms), max_batch)
+    if late == "shed" and standing_interval_ms > 0 and standing_ms >= standing_interval_ms:
+        return Plan(None, (False,) * len(ages_ms), 0.0, ("standing",))  # drain the standing queue
     T, o = latency_constraint_ms, overhead_ms
     way_back = return_share * o  # ms from the handler's end to the client (own deadline, shedding)
     if rule == "paper":
@@ -373,6 +405,49 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         failed = tuple(name for name, ok in (("deadline", own_ok), ("queue", queue_ok), ("rate", rate_ok),
                                              ("spare", level_spare_ok)) if not ok)
     return Plan(chosen, tuple(serve), c_of[chosen] * cal.t(chosen, b), failed)
+
+
+class StandingQueue:
+    """How long the frontend's queue has stood: the time since which the youngest request of
+    every batch was older than a target (CoDel's sojourn test; module docstring, point 4).
+
+    The serving core calls ``observe`` once per batch with the batch's start (seconds, any
+    monotonic clock) and its youngest request's age; a batch at or under the target ends the
+    standing spell, and so does an idle worker, whose next batch is young.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # start of the first batch of the current spell
+
+    def observe(self, now_s: float, youngest_ms: float, target_ms: float) -> float:
+        """Record a batch and return how long the queue has stood (ms; 0 when this batch's
+        youngest request is within ``target_ms``, or the spell starts with this batch).
+
+        >>> q = StandingQueue(); q.observe(0.0, 30, 20), q.observe(0.05, 25, 20), q.observe(0.1, 5, 20)
+        (0.0, 50.0, 0.0)
+        """
+        if youngest_ms <= target_ms:
+            self.since = None
+            return 0.0
+        if self.since is None:
+            self.since = now_s
+        return (now_s - self.since) * 1000
+
+
+def youngest_age_ms(ages_ms: Sequence[float], from_header: Sequence[bool]) -> float:
+    """The age of a batch's youngest request (ms): the least of the ages read from start headers;
+    where none was, the FIFO estimate (``estimate_age_ms``, the oldest of n arrivals spread
+    evenly over a window D: D·n/(n + 1)) divided by n, the youngest's D/(n + 1).
+
+    Raises:
+        ValueError: an empty batch, or lists of different lengths.
+    """
+    if not ages_ms or len(ages_ms) != len(from_header):
+        raise ValueError(f"youngest_age_ms: {len(ages_ms)} ages and {len(from_header)} header flags")
+    read = [a for a, h in zip(ages_ms, from_header) if h]
+    if read:
+        return min(read)
+    return min(ages_ms) / len(ages_ms)
 
 
 def _per_level(value: float | Mapping[int, float], cal: Calibration, name: str) -> dict[int, float]:

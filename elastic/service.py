@@ -42,8 +42,8 @@ from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, Calibration, LatencyCorrection,
-                              estimate_age_ms, level_corrections, monotone_calibration,
-                              parse_request_start, plan_batch)
+                              StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
+                              parse_request_start, plan_batch, youngest_age_ms)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,13 @@ class HandlerSettings:
             between the two ways). The probe in README "Under load" ("The way back",
             slo_probes/return-share/) measured a way back near o at full batches, but 1.0 shed
             3-6 times as many requests at 100 req/s and kept no more within T.
+        standing_target: τ / T, in (0, 1]: the queue stands while the youngest request of every
+            batch is older than τ (elastic/schedule.py, point 4).
+        standing_interval_ms: drain a queue that has stood this long: shed every request of each
+            batch until a batch's youngest request is within τ again (ms, >= 0; 0 = off; shedding
+            only). Defaults τ = 0.4·T and 100 ms: in the raw runs of the SLO probe of 2026-11-24
+            at 600 req/s (T = 50 ms), the test would have fired 0-6 times in 30 s in the runs
+            that held T and 104 times in the 23 s of the run that fell into a standing queue.
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
@@ -145,6 +152,8 @@ class HandlerSettings:
     spare_from: str = "next"
     deadline_quantile: float = 0.98
     return_share: float = 0.5
+    standing_target: float = 0.4
+    standing_interval_ms: float = 100.0
     retry_after_s: int = 1
     request_start_header: str = "X-Request-Start"
     request_start_max_age_ms: float = 60_000.0
@@ -218,6 +227,11 @@ class HandlerSettings:
             raise ValueError(f"handler.deadline_quantile: must be in (0, 1], got {s.deadline_quantile}")
         if not 0 <= s.return_share <= 2:
             raise ValueError(f"handler.return_share: must be in [0, 2], got {s.return_share}")
+        if not 0 < s.standing_target <= 1:
+            raise ValueError(f"handler.standing_target: must be in (0, 1], got {s.standing_target}")
+        if not (s.standing_interval_ms >= 0 and math.isfinite(s.standing_interval_ms)):
+            raise ValueError(f"handler.standing_interval_ms: must be >= 0 milliseconds (0 = off), "
+                             f"got {s.standing_interval_ms}")
         if not (s.metrics_interval_s > 0 and math.isfinite(s.metrics_interval_s)):
             raise ValueError("handler.metrics_interval_s: must be a positive number of seconds, "
                              f"got {s.metrics_interval_s}")
@@ -498,9 +512,11 @@ class ElasticServer:
         self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
                                  for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
-        self.counters = {"batches": 0, "served": 0, "shed": 0, "bad_request": 0, "request_start_used": 0,
-                         "request_start_ignored": 0}
-        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0}  # batches held below the largest level
+        self.counters = {"batches": 0, "served": 0, "shed": 0, "shed_standing": 0, "bad_request": 0,
+                         "request_start_used": 0, "request_start_ignored": 0}
+        # batches held below the largest level, by the bound that held them ("standing": drained)
+        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0, "standing": 0}
+        self.standing = StandingQueue()  # how long the frontend's queue has stood (schedule.py, point 4)
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
         self._last_end: float | None = None  # perf_counter seconds
         self._last_waiting = False
@@ -641,13 +657,16 @@ class ElasticServer:
                 self._overhead_weight += self.OVERHEAD_EWMA * (1 - self._overhead_weight)
                 self.overhead_ms += self.OVERHEAD_EWMA / self._overhead_weight * (gap - self.overhead_ms)
 
-    def _ages_ms(self, request_starts: list[str | None], now_mono: float, now_epoch: float) -> list[float]:
-        """Each request's age: from its start header where valid, else the FIFO estimate."""
+    def _ages_ms(self, request_starts: list[str | None], now_mono: float,
+                 now_epoch: float) -> tuple[list[float], list[bool]]:
+        """Each request's age, and whether it was read from its start header (where valid; else
+        it is the FIFO estimate)."""
         s = self.settings
         estimate = None
-        ages = []
+        ages, read = [], []
         for value in request_starts:
             age = parse_request_start(value, now_epoch, s.request_start_max_age_ms)
+            read.append(age is not None)
             if age is None:
                 if value is not None:
                     self.counters["request_start_ignored"] += 1
@@ -658,7 +677,7 @@ class ElasticServer:
             else:
                 self.counters["request_start_used"] += 1
             ages.append(age)
-        return ages
+        return ages, read
 
     def _arrival_rate(self, now: float, n: int) -> float:
         """λ in requests per second: the requests of the recent batches that started within the
@@ -712,13 +731,15 @@ class ElasticServer:
         level, served, shed, past_T, predicted, model_ms = None, 0, 0, 0, 0.0, 0.0
         if items:
             s = self.settings
-            ages = self._ages_ms([request_starts[i] for i in where], start, now_epoch)  # at the batch's start
+            ages, read = self._ages_ms([request_starts[i] for i in where], start, now_epoch)  # at the batch's start
             c, cm = self._corrections(start)
             spent = (time.perf_counter() - start) * 1000  # this batch's handler time so far (parsing, tokenizing)
+            standing = self.standing.observe(start, youngest_age_ms(ages, read) + spent,
+                                             s.standing_target * s.latency_constraint_ms)
             plan = plan_batch([a + spent for a in ages], g, s.latency_constraint_ms, self.calibration,
                               self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
                               self._arrival_rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share,
-                              s.spare_from)
+                              s.spare_from, standing, s.standing_interval_ms)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
                 self.limited_by[name] += 1
@@ -729,6 +750,8 @@ class ElasticServer:
                                                {"Retry-After": str(s.retry_after_s)})
             shed = len(where) - len(keep)
             self.counters["shed"] += shed
+            if plan.limited_by == ("standing",):
+                self.counters["shed_standing"] += shed
             if keep:
                 kept = [items[k] for k in keep]
                 t0 = time.perf_counter()
@@ -782,6 +805,8 @@ class ElasticServer:
             "min_spare": self.settings.min_spare,
             "spare_from": self.settings.spare_from,
             "return_share": self.settings.return_share,
+            "standing_target": self.settings.standing_target,
+            "standing_interval_ms": self.settings.standing_interval_ms,
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
             "limited_by": dict(self.limited_by),

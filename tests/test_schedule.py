@@ -3,9 +3,8 @@ correction, shedding, age estimates, X-Request-Start parsing, validation."""
 
 import pytest
 
-from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, expected_latency_ms, parse_request_start,
-                             transfer_correction,
-                              plan_batch)
+from elastic.schedule import (Calibration, LatencyCorrection, StandingQueue, estimate_age_ms, expected_latency_ms,
+                              parse_request_start, plan_batch, transfer_correction, youngest_age_ms)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
 
@@ -380,3 +379,35 @@ def test_the_way_back_is_budgeted_as_return_share_of_the_overhead():
     for bad in (-0.1, 2.5):
         with pytest.raises(ValueError, match=rf"return_share must be in \[0, 2\], got {bad}"):
             plan_batch([0.0], 0, 50.0, CAL, 1, return_share=bad)
+
+
+def test_a_standing_queue_sheds_the_whole_batch_only_once_it_has_stood_long_enough():
+    # ages 20-30 ms at T = 60: each request fits at level 50 (30 + 10 <= 60), so only the drain sheds
+    ages = [30.0, 20.0]
+    assert plan_batch(ages, 8, 60.0, CAL, 8, standing_ms=99.0, standing_interval_ms=100.0).serve == (True, True)
+    plan = plan_batch(ages, 8, 60.0, CAL, 8, standing_ms=100.0, standing_interval_ms=100.0)
+    assert plan.level is None and plan.serve == (False, False) and plan.limited_by == ("standing",)
+    assert plan.predicted_ms == 0.0
+    # off (interval 0), or serving late requests: no drain
+    assert plan_batch(ages, 0, 60.0, CAL, 8, standing_ms=1e6, standing_interval_ms=0.0).level == 50
+    assert plan_batch(ages, 0, 60.0, CAL, 8, late="serve", standing_ms=1e6, standing_interval_ms=100.0).level == 50
+    with pytest.raises(ValueError, match="standing_ms and standing_interval_ms must be >= 0, got -1.0, 100.0"):
+        plan_batch(ages, 8, 60.0, CAL, 8, standing_ms=-1.0, standing_interval_ms=100.0)
+
+
+def test_standing_queue_counts_from_the_first_old_batch_and_a_young_one_ends_it():
+    q = StandingQueue()
+    assert q.observe(10.0, 25.0, 20.0) == 0.0  # the spell starts with this batch
+    assert q.observe(10.04, 21.0, 20.0) == pytest.approx(40.0)
+    assert q.observe(10.12, 30.0, 20.0) == pytest.approx(120.0)
+    assert q.observe(10.13, 20.0, 20.0) == 0.0  # within the target: over
+    assert q.observe(10.5, 40.0, 20.0) == 0.0  # a new spell
+    assert q.observe(10.6, 40.0, 20.0) == pytest.approx(100.0)
+
+
+def test_youngest_age_reads_headers_else_the_estimate_spread_over_the_batch():
+    assert youngest_age_ms([30.0, 12.0, 50.0], [True, True, False]) == 12.0  # the estimate (50) is not read
+    # no header: the estimate is the oldest's, D·n/(n+1); the youngest's is D/(n+1), 1/n of it
+    assert youngest_age_ms([40.0] * 4, [False] * 4) == 10.0
+    with pytest.raises(ValueError, match="youngest_age_ms: 2 ages and 1 header flags"):
+        youngest_age_ms([1.0, 2.0], [True])

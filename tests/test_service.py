@@ -63,6 +63,9 @@ def test_settings_validation_names_the_field():
     ("spare_from", "largest", r"handler.spare_from: expected one of \['next', 'smallest'\], got 'largest'"),
     ("max_utilization", 0, r"handler.max_utilization: must be in \(0, 1\], got 0.0"),
     ("return_share", 3, r"handler.return_share: must be in \[0, 2\], got 3.0"),
+    ("standing_target", 0, r"handler.standing_target: must be in \(0, 1\], got 0.0"),
+    ("standing_interval_ms", -1, r"handler.standing_interval_ms: must be >= 0 milliseconds \(0 = off\), got -1.0"),
+    ("standing_interval_ms", "inf", r"handler.standing_interval_ms: must be >= 0 milliseconds"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg):
@@ -142,14 +145,15 @@ def test_answers_equal_direct_search_at_that_level(retriever, tiny_elastic):
 
 
 def fix_schedule_inputs(monkeypatch, retriever, cal):
-    """For one test: t_k from ``cal``, c = c̄ = 1 throughout, o = 0 and no arrival rate (no
-    utilization bound), so the level depends only on what the test varies, not on the clock or
-    the module fixture's learned state."""
+    """For one test: t_k from ``cal``, c = c̄ = 1 throughout, o = 0, no arrival rate (no
+    utilization bound) and no standing queue (no drain), so the level depends only on what the
+    test varies, not on the clock or the module fixture's learned state."""
     monkeypatch.setattr(retriever, "calibration", cal)
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
     monkeypatch.setattr(retriever, "overhead_ms", 0.0)
     monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
+    monkeypatch.setattr(retriever.standing, "observe", lambda now_s, youngest_ms, target_ms: 0.0)
 
 
 def test_level_follows_queue_size(retriever, monkeypatch):
@@ -243,6 +247,32 @@ def test_old_requests_are_shed_with_retry_after_and_others_served(retriever):
         assert out[0].status == 200 and out[0].payload["level"] == 10
     finally:
         retriever.settings = HandlerSettings(latency_constraint_ms=T, query_max_length=16)
+
+
+def test_a_standing_queue_is_drained_whole_batches_then_served_again(retriever, monkeypatch):
+    import dataclasses
+
+    T = retriever.settings.latency_constraint_ms  # 1000 ms: tau = 0.4 T = 400 ms
+    monkeypatch.setattr(retriever, "settings", dataclasses.replace(retriever.settings, standing_interval_ms=20.0))
+    before = dict(retriever.counters)
+    queries = [{"query": "q one"}, {"query": "q two"}]
+    # every request 0.5 T old: each can still be answered within T, but the queue stands
+    first = retriever.handle_batch(queries, [now_header(0.6 * T), now_header(0.5 * T)])
+    assert [r.status for r in first] == [200, 200]  # the spell starts: nothing to drain yet
+    time.sleep(0.03)  # the spell outlasts standing_interval_ms
+    drained = retriever.handle_batch(queries, [now_header(0.6 * T), now_header(0.5 * T)])
+    assert [r.status for r in drained] == [503, 503]
+    assert drained[0].headers == {"Retry-After": "1"} and "within T = 1000 ms" in drained[0].payload["error"]
+    assert retriever.counters["shed_standing"] == before["shed_standing"] + 2
+    assert retriever.limited_by["standing"] >= 1
+    # one young request ends the spell: the batch is served, and so is the next old one
+    young = retriever.handle_batch(queries, [now_header(0.6 * T), now_header(0.0)])
+    assert [r.status for r in young] == [200, 200]
+    assert [r.status for r in retriever.handle_batch(queries[:1], [now_header(0.5 * T)])] == [200]
+    # off: a queue that stands is served at its limit, as before
+    monkeypatch.setattr(retriever, "settings", dataclasses.replace(retriever.settings, standing_interval_ms=0.0))
+    time.sleep(0.03)
+    assert [r.status for r in retriever.handle_batch(queries, [now_header(0.5 * T)] * 2)] == [200, 200]
 
 
 def far_apart_calibration(T: float) -> Calibration:
