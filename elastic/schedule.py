@@ -133,7 +133,11 @@ level serves whatever was not shed.
        standing_ms >= standing_interval_ms   =>   shed every request of the batch   (drain)
 
    The drain goes on batch by batch while the youngest request stays older than τ, and ends at
-   the first batch younger than that. It is part of shedding (``late="shed"``) only.
+   the first batch younger than that. It is part of shedding (``late="shed"``) only. Measured
+   beside the same archive without it (three SLO probes of 2026-11-24, T = 50 ms): past the 5 %
+   level's capacity, at 800 req/s, 0.61-0.90 of requests within T against 0.41-0.73 (9
+   pairings of 9); near it, at 600 req/s, 0.1-1.5 points fewer in 6 pairings of 7, the price
+   of spells it drains that would have cleared alone.
 
 Everything here is pure: no TorchServe, no clock, no I/O. The serving core passes the ages, g,
 the calibration and c in, and gets a ``Plan`` back. Times are milliseconds.

@@ -108,6 +108,9 @@ class HandlerSettings:
             only). Defaults τ = 0.4·T and 100 ms: in the raw runs of the SLO probe of 2026-11-24
             at 600 req/s (T = 50 ms), the test would have fired 0-6 times in 30 s in the runs
             that held T and 104 times in the 23 s of the run that fell into a standing queue.
+            Measured beside the drain off (README "The schedule", three probes): 14-33 points
+            more within T at 800 req/s (9 pairings of 9), 0.1-1.5 fewer at 600 (6 of 7);
+            200 ms gained less at 800.
         retry_after_s: the Retry-After header (seconds) of a shed request's 503.
         request_start_header: request header carrying the client-side start time (load
             balancers set X-Request-Start); without it, a request's age is estimated.
