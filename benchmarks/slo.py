@@ -2,7 +2,7 @@
 
     python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 50 100 200 300 400]
         [--servers elastic elastic-paper static noop] [--static-levels 50 30 20 10 5]
-        [--duration-s 30] [--warmup-s 5] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
+        [--duration-s 30] [--warmup-s 5] [--startup-warmup-s 10] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
         [--worker-nice -10] [--handler max_utilization=0.9 ...]
 
 Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_batch_delay_ms):
@@ -146,15 +146,18 @@ def raw_runs(work: Path, rates: list[float] | None = None):
                 yield d, float(rate), int(rep) + 1, raw
 
 
-def run_rate(url_host: str, model: str, queries: str, rate: float, a, raw: Path) -> list[dict]:
-    """One open-loop run (Locust on CPU 1); returns its raw records."""
+def run_rate(url_host: str, model: str, queries: str, rate: float, a, raw: Path,
+             duration_s: float | None = None) -> list[dict]:
+    """One open-loop run (Locust on CPU 1): --warmup-s, then ``duration_s`` (default
+    --duration-s) measured seconds; returns its raw records."""
+    duration_s = a.duration_s if duration_s is None else duration_s
     cmd = pinned([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "openloop.py"), "--headless",
                   "-u", "1", "-r", "1", "--only-summary", "--loglevel", "ERROR", "--host", url_host,
                   "--queries", queries, "--model-name", model, "--rate", str(rate), "--warmup-s", str(a.warmup_s),
-                  "--duration-s", str(a.duration_s), "--drain-s", str(a.drain_s), "--raw-out", str(raw)], "1")
+                  "--duration-s", str(duration_s), "--drain-s", str(a.drain_s), "--raw-out", str(raw)], "1")
     with open(raw.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                       timeout=a.warmup_s + a.duration_s + a.drain_s + 60)
+                       timeout=a.warmup_s + duration_s + a.drain_s + 60)
     return read_raw(raw)
 
 
@@ -264,6 +267,14 @@ def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path,
             (work / spec.name).mkdir(parents=True, exist_ok=True)  # its raw runs and schedule state
             if spec.kind != "noop":
                 (work / spec.name / "describe.json").write_text(json.dumps(ts.describe(spec.name), indent=1))
+        # every server once at the lowest rate, unscored: the first run after TorchServe started
+        # was slow for its whole 30 s (README "Under load", the standing-queue probes)
+        for spec in specs if a.startup_warmup_s > 0 else []:
+            run_rate(host, spec.name, queries, min(a.rates), a, work / spec.name / "startup-warmup.jsonl",
+                     a.startup_warmup_s)
+            ts.wait_drained(spec.name)
+        if a.startup_warmup_s > 0:
+            print(f"[slo] warmed every server up for {a.startup_warmup_s:g} s at {min(a.rates):g} req/s", flush=True)
 
         def one(spec: Server, rate: float, rep: int) -> list[dict]:
             raw = work / spec.name / f"raw-{rate:g}-{rep}.jsonl"
@@ -420,6 +431,8 @@ def main() -> None:
     ap.add_argument("--static-levels", type=int, nargs="+", default=[50, 30, 20, 10, 5])
     ap.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per run")
     ap.add_argument("--warmup-s", type=float, default=5.0, help="seconds of load before each measured window")
+    ap.add_argument("--startup-warmup-s", type=float, default=10.0,
+                    help="seconds each server is run, unscored, at the lowest rate after TorchServe starts (0 = none)")
     ap.add_argument("--drain-s", type=float, default=10.0, help="seconds to wait for answers after the last send")
     ap.add_argument("--stop-below", type=float, default=0.5, help="stop a server's sweep after within_T < this")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the points at and past each server's capacity")
@@ -444,8 +457,8 @@ def main() -> None:
     a.handler = dict(a.handler)
     if sorted(a.rates) != list(a.rates) or min(a.rates) <= 0:
         raise SystemExit("--rates: expected positive rates in ascending order")
-    if min(a.T) <= 0 or a.duration_s <= 0 or a.warmup_s < 0 or a.repeats < 1:
-        raise SystemExit("--T, --duration-s must be > 0, --warmup-s >= 0, --repeats >= 1")
+    if min(a.T) <= 0 or a.duration_s <= 0 or a.warmup_s < 0 or a.startup_warmup_s < 0 or a.repeats < 1:
+        raise SystemExit("--T, --duration-s must be > 0, --warmup-s and --startup-warmup-s >= 0, --repeats >= 1")
     if "pipeline" in a.servers and not a.pipeline_config:
         raise SystemExit("--servers pipeline: needs --pipeline-config (the ElasticRanker's recipe)")
     cfg = load_config(a.config)
@@ -487,7 +500,8 @@ def main() -> None:
            "servers interleaved at each rate, "
            f"Locust open-loop Poisson arrivals on CPU 1; worker nice "
            f"{extra.get('worker_nice', cfg.serve.worker_nice)}; batchSize {s.batch_size}, maxBatchDelay "
-           f"{s.max_batch_delay_ms} ms; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
+           f"{s.max_batch_delay_ms} ms; each server first run {a.startup_warmup_s:g} s unscored at "
+           f"{min(a.rates):g} req/s after the start; {a.warmup_s:g} s warm-up + {a.duration_s:g} s measured per run; "
            f"{(time.time() - t0) / 60:.0f} min in all. Static servers pin one level and shed like elastic; "
            "elastic-paper is the paper's rule serving late requests; noop has no model (one run scored at every T).")
     write_report(rows, a.out, {"how": how})
