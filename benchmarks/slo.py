@@ -269,11 +269,11 @@ def interleaved(cfg: RecipeConfig, specs: list[Server], store: Path, work: Path,
                 (work / spec.name / "describe.json").write_text(json.dumps(ts.describe(spec.name), indent=1))
         # every server once at the lowest rate, unscored: the first run after TorchServe started
         # was slow for its whole 30 s (README "Under load", the standing-queue probes)
-        for spec in specs if a.startup_warmup_s > 0 else []:
-            run_rate(host, spec.name, queries, min(a.rates), a, work / spec.name / "startup-warmup.jsonl",
-                     a.startup_warmup_s)
-            ts.wait_drained(spec.name)
         if a.startup_warmup_s > 0:
+            for spec in specs:
+                run_rate(host, spec.name, queries, min(a.rates), a, work / spec.name / "startup-warmup.jsonl",
+                         a.startup_warmup_s)
+                ts.wait_drained(spec.name)
             print(f"[slo] warmed every server up for {a.startup_warmup_s:g} s at {min(a.rates):g} req/s", flush=True)
 
         def one(spec: Server, rate: float, rep: int) -> list[dict]:

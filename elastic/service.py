@@ -837,6 +837,19 @@ def load_index(d: Path, hidden_size: int):
     return index, pids
 
 
+def load_passage_search(d: Path, hidden_size: int):
+    """(FAISS index or None, (d, N) matrix or None, pids) for ``dense_search``: a flat
+    inner-product index becomes the matrix (``flat_ip_matrix``) and the index is dropped, so its
+    vectors are in memory once; any other index is kept for FAISS's own search.
+
+    Raises:
+        as ``load_index``.
+    """
+    index, pids = load_index(d, hidden_size)
+    matrix = flat_ip_matrix(index)
+    return (None if matrix is not None else index), matrix, pids
+
+
 def dense_search(encoder: ElasticEncoder, index, matrix: torch.Tensor | None, ids: list[list[int]], level: int,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, k) scores and index rows of already tokenized queries encoded at ``level``: one sgemm
@@ -877,10 +890,7 @@ class ElasticRetriever(ElasticServer):
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d, query_heads=settings.query_heads)
-        self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
-        self._matrix = flat_ip_matrix(self.index)  # (d, N) for one sgemm per batch; None: FAISS searches
-        if self._matrix is not None:
-            self.index = None  # its vectors now live in the matrix alone
+        self.index, self._matrix, self.pids = load_passage_search(d, self.encoder.dims.hidden_size)
         self._ready(d)
 
     @property
@@ -1217,10 +1227,7 @@ class ElasticPipelineServer(ElasticRetriever):
         faiss.omp_set_num_threads(settings.torch_threads)
         self.encoder = ElasticEncoder(d / "denser", query_heads=settings.query_heads)
         self.ranker = CrossEncoder(d / "ranker", settings.pair_max_length)
-        self.index, self.pids = load_index(d, self.encoder.dims.hidden_size)
-        self._matrix = flat_ip_matrix(self.index)  # (d, N); None: FAISS searches
-        if self._matrix is not None:
-            self.index = None  # its vectors now live in the matrix alone
+        self.index, self._matrix, self.pids = load_passage_search(d, self.encoder.dims.hidden_size)
         text = read_tsv(d / "passages.tsv.gz")
         missing = [p for p in self.pids if p not in text]
         if missing:
