@@ -6,8 +6,9 @@ Times what the serving core adds per batch for scheduling (elastic/service.py ha
 parsing each request's X-Request-Start, the arrival rate over the recent batches, the plan
 (plan_batch: shedding and the level over 7 levels and 4 calibrated batch sizes), the corrections
 per level (level_corrections: the served level's own, the others borrowed from all levels as an
-additive excess, the costlier path), and the correction updates after the batch (all levels and
-the served one). Pure Python, one thread; prints the median and p99.
+additive excess, the costlier path; a full batch also takes the tail of the level's large
+batches), and the correction updates after the batch (all levels, the served one and its large
+batches). Pure Python, one thread; prints the median and p99.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def main() -> None:
                               for lv in [50, 40, 30, 20, 15, 10, 5][: a.levels]})
     corr = LatencyCorrection()
     per_level = {lv: LatencyCorrection() for lv in cal.ms}
+    large = {lv: LatencyCorrection() for lv in cal.ms}  # handler.large_batch_tail: a full batch is large
     served = min(cal.ms)  # the one level with its own window; the others borrow (the costlier path)
     for _ in range(200):
         corr.observe(5.0, 6.0, 0.0, a.batch)
         per_level[served].observe(5.0, 6.0, 0.0, a.batch)
+        large[served].observe(5.0, 6.5, 0.0, a.batch)
     history = deque(((i * 0.01, 4, a.batch) for i in range(32)), maxlen=32)
     times = []
     for i in range(a.repeats):
@@ -49,12 +52,13 @@ def main() -> None:
         ages = [parse_request_start(h, now) for h in headers]
         ages = [x if x is not None else estimate_age_ms(0.33, history, 3.0) for x in ages]
         rate = (sum(b for _, _, b in history) + a.batch) / 0.32
-        c, cm = level_corrections(corr, per_level, cal, 20)
+        c, cm = level_corrections(corr, per_level, cal, 20, large if a.batch >= 2 else None)
         plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm,
                           min_spare=HANDLER_DEFAULTS.min_spare, return_share=HANDLER_DEFAULTS.return_share,
                           spare_from=HANDLER_DEFAULTS.spare_from)
         corr.observe(cal.t(plan.level, a.batch), 5.5, 0.0, a.batch)
         per_level[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
+        large[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))
         times.append((time.perf_counter() - t0) * 1e6)
     times.sort()

@@ -56,6 +56,17 @@ the measured p99 at 1.2-2.6 T:
    request for the static levels at 300 req/s (``python -m benchmarks.batch_excess --rates 300``,
    benchmarks/results/batch_excess.md).
 
+   The tail grows with the batch. Large batches come in bursts, while the frontend on the same
+   core takes in the burst and writes out the previous batch's answers, so their ratios spread
+   wider than those of small batches at the same level. In the SLO sweep of 2026-11-24 at
+   200 req/s, static 50 % ran batches of 1 at a p98 / median of model time of 7.9 / 6.6 ms
+   (1.2) and batches of 8 at 40.9 / 21.6 ms (1.9); the elastic server's answers past T in
+   that sweep came from its large level-50 batches. A quantile pooled over all batch sizes
+   budgets for the small batches' tail, which are most of them. So a large batch at hand
+   (more than half of batchSize, ``handler.large_batch_tail``) budgets for the larger of the
+   level's pooled tail and the tail of its large batches alone, where the level has run
+   enough of them lately.
+
 3. A request that cannot meet T even at the smallest SubLM (c̄·t_min + r·o after its age) is
    better answered at once with 503
    (and Retry-After) than late. Its computation would only delay everyone behind it. Such
@@ -488,7 +499,8 @@ def transfer_correction(ratio: float, from_ms: float, to_ms: float, min_c: float
 
 
 def level_corrections(every: "LatencyCorrection", own: Mapping[int, "LatencyCorrection"], cal: Calibration,
-                      min_batches: int) -> tuple[dict[int, float], dict[int, float]]:
+                      min_batches: int, large: Mapping[int, "LatencyCorrection"] | None = None
+                      ) -> tuple[dict[int, float], dict[int, float]]:
     """(c_k, c̄_k) per level for plan_batch: a level's own ratios once its window holds
     ``min_batches`` batches, else those of ``every`` (all levels) carried to it as an additive
     excess at the window's mean batch size (``transfer_correction``; 1 when ``every`` is empty).
@@ -497,6 +509,10 @@ def level_corrections(every: "LatencyCorrection", own: Mapping[int, "LatencyCorr
         every: the correction over all levels' batches. own: level -> that level's correction
             (every calibrated level). cal: the calibration the ratios were taken against.
         min_batches: batches a level's own window needs before it is used (>= 1).
+        large: for a large batch at hand (module docstring, point 2), level -> the correction
+            over that level's large batches only: c_k is then the larger of the two tails where
+            that window holds ``min_batches`` batches. c̄_k is unchanged (it adds up over
+            batches of every size).
     """
     from_ms, b = every.predicted_mean_ms, every.batch_mean
     c, cm = {}, {}
@@ -507,6 +523,8 @@ def level_corrections(every: "LatencyCorrection", own: Mapping[int, "LatencyCorr
             to_ms = cal.t(k, b) if b >= 1 else 0.0
             c[k] = transfer_correction(every.value, from_ms, to_ms, every.min_c, every.max_c)
             cm[k] = transfer_correction(every.mean, from_ms, to_ms, every.min_c, every.max_c)
+        if large is not None and large[k].count >= min_batches:
+            c[k] = max(c[k], large[k].value)
     return c, cm
 
 

@@ -40,6 +40,7 @@ import torch
 
 from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
+from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, Calibration, LatencyCorrection,
                               StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
@@ -144,6 +145,13 @@ class HandlerSettings:
         calibration_repeats: timed runs per (level, batch size) when calibrating t_k.
         metrics_interval_s: seconds between flushes of the elastic metrics (elastic/telemetry.py)
             to TorchServe's metrics API; what happens in between is summed.
+        large_batch_tail: a batch at hand of more than half of batchSize budgets its own
+            deadline for the tail of the level's large batches when that is higher than the
+            level's pooled tail (elastic/schedule.py, point 2); False pools every batch size.
+        gc_freeze: after the model is loaded and calibrated, move every object the worker holds
+            into Python's permanent generation (``gc.freeze()``, elastic/gc_pauses.py), so that
+            the collector's full collections no longer walk the loaded libraries and model (about
+            70 ms each on the demo model's worker, inside whichever batch they fall in).
     """
 
     latency_constraint_ms: float
@@ -172,6 +180,8 @@ class HandlerSettings:
     calibration_repeats: int = 30
     calibration_cache: bool = True
     metrics_interval_s: float = 1.0
+    large_batch_tail: bool = True
+    gc_freeze: bool = True
 
     @classmethod
     def from_yaml(cls, handler_cfg: dict | None, environ: dict | None = None) -> "HandlerSettings":
@@ -514,6 +524,10 @@ class ElasticServer:
         self.correction = LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
         self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
                                  for k in self.levels}
+        # c_k over the level's large batches alone (more than LARGE_SHARE of batchSize): the tail
+        # a large batch at hand budgets for (handler.large_batch_tail)
+        self.large_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
+                                 for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "shed_standing": 0, "bad_request": 0,
                          "request_start_used": 0, "request_start_ignored": 0}
@@ -525,6 +539,8 @@ class ElasticServer:
         self._last_waiting = False
         self._in_batch = False
         self._ready_at = time.perf_counter()
+        GC_PAUSES.start()  # describe() reports the collector's pauses
+        self.gc_frozen = freeze_heap() if s.gc_freeze else 0  # after everything the worker keeps is loaded
         if stored is not None:  # started last: it reads the state above
             threading.Thread(target=self._remeasure_when_idle, args=(key,), name="recalibration", daemon=True).start()
 
@@ -630,16 +646,29 @@ class ElasticServer:
     LEVEL_MIN_BATCHES = 20  # batches a level's own correction needs before it replaces the all-level one
     CORRECTION_MAX_AGE_S = 10.0  # seconds an observed / predicted ratio counts in c and c_k
 
-    def _corrections(self, now_s: float) -> tuple[dict[int, float], dict[int, float]]:
-        """(c_k, c̄_k) per level for plan_batch at ``now_s`` (perf_counter seconds): the level's
-        own ratio once it has LEVEL_MIN_BATCHES batches of the last CORRECTION_MAX_AGE_S in its
-        window, else the ratio over all levels carried to this level as an additive excess
-        (``transfer_correction``, at the window's mean batch size; 1 when no batch ran in that
-        time)."""
+    LARGE_SHARE = 0.5  # a batch of more than this share of batchSize is large
+
+    def _large(self, b: int) -> bool:
+        """Whether a batch of ``b`` requests is large (handler.large_batch_tail)."""
+        return self.max_batch >= 2 and b > self.LARGE_SHARE * self.max_batch
+
+    def _corrections(self, now_s: float, b: int) -> tuple[dict[int, float], dict[int, float]]:
+        """(c_k, c̄_k) per level for plan_batch at ``now_s`` (perf_counter seconds) for a batch of
+        ``b`` requests: the level's own ratio once it has LEVEL_MIN_BATCHES batches of the last
+        CORRECTION_MAX_AGE_S in its window, else the ratio over all levels carried to this level
+        as an additive excess (``transfer_correction``, at the window's mean batch size; 1 when no
+        batch ran in that time); for a large batch, c_k no lower than the tail of the level's
+        large batches (elastic/schedule.py, point 2)."""
         self.correction.expire(now_s)
         for own in self.level_correction.values():
             own.expire(now_s)
-        return level_corrections(self.correction, self.level_correction, self.calibration, self.LEVEL_MIN_BATCHES)
+        large = None
+        if self.settings.large_batch_tail and self._large(b):
+            large = self.large_correction
+            for own in large.values():
+                own.expire(now_s)
+        return level_corrections(self.correction, self.level_correction, self.calibration, self.LEVEL_MIN_BATCHES,
+                                 large)
 
     OVERHEAD_EWMA = 0.05  # weight of the newest gap
     OVERHEAD_CAP_MS = 100.0  # a longer gap is not overhead (e.g. a GC pause): ignored
@@ -735,7 +764,7 @@ class ElasticServer:
         if items:
             s = self.settings
             ages, read = self._ages_ms([request_starts[i] for i in where], start, now_epoch)  # at the batch's start
-            c, cm = self._corrections(start)
+            c, cm = self._corrections(start, len(items))
             spent = (time.perf_counter() - start) * 1000  # this batch's handler time so far (parsing, tokenizing)
             standing = self.standing.observe(start, youngest_age_ms(ages, read) + spent,
                                              s.standing_target * s.latency_constraint_ms)
@@ -764,6 +793,8 @@ class ElasticServer:
                 predicted = self.calibration.t(plan.level, len(keep))
                 self.correction.observe(predicted, model_ms, t1, len(keep))
                 self.level_correction[plan.level].observe(predicted, model_ms, t1, len(keep))
+                if self._large(len(keep)):
+                    self.large_correction[plan.level].observe(predicted, model_ms, t1, len(keep))
                 # W3C Server-Timing: the request's age when its batch began (the schedule's input),
                 # what the batch spent in the model and in the whole handler so far, so a client
                 # can tell waiting, the model and the serving stack apart
@@ -804,6 +835,9 @@ class ElasticServer:
             "mean_correction": round(self.correction.mean, 3),
             "level_corrections": {str(k): {"c": round(lc.value, 3), "mean": round(lc.mean, 3), "batches": lc.count}
                                   for k, lc in self.level_correction.items()},
+            "large_batch_tail": self.settings.large_batch_tail,
+            "large_batch_corrections": {str(k): {"c": round(lc.value, 3), "batches": lc.count}
+                                        for k, lc in self.large_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
             "spare_from": self.settings.spare_from,
@@ -813,6 +847,8 @@ class ElasticServer:
             "queue_polls": self.queue.polls,
             "counters": dict(self.counters),
             "limited_by": dict(self.limited_by),
+            "gc_frozen_objects": self.gc_frozen,
+            "gc_pauses": GC_PAUSES.summary(),
         }
 
 

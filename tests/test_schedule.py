@@ -4,7 +4,7 @@ correction, shedding, age estimates, X-Request-Start parsing, validation."""
 import pytest
 
 from elastic.schedule import (Calibration, LatencyCorrection, StandingQueue, estimate_age_ms, expected_latency_ms,
-                              parse_request_start, plan_batch, transfer_correction, youngest_age_ms)
+                              level_corrections, parse_request_start, plan_batch, transfer_correction, youngest_age_ms)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
 
@@ -203,6 +203,25 @@ def test_transfer_correction_carries_the_excess_in_milliseconds():
     assert transfer_correction(3.0, 10.0, 4.0, max_c=4.0) == 4.0  # clipped
     assert transfer_correction(1.7, 0.0, 4.0) == 1.7 and transfer_correction(1.7, 4.0, 0.0) == 1.7
     assert transfer_correction(1.0, 3.0, 30.0) == 1.0
+
+
+def test_level_corrections_take_the_wider_tail_of_large_batches_where_there_are_enough():
+    cal = Calibration((1, 8), {50: (7.0, 21.0), 5: (3.0, 7.0)})
+    every, own = LatencyCorrection(quantile=0.9), {k: LatencyCorrection(quantile=0.9) for k in cal.ms}
+    large = {k: LatencyCorrection(quantile=0.9) for k in cal.ms}
+    for _ in range(10):
+        for k in cal.ms:
+            for c in (every, own[k]):
+                c.observe(cal.t(k, 1), 1.2 * cal.t(k, 1), 0.0, 1)
+    for _ in range(9):
+        large[50].observe(21.0, 42.0, 0.0, 8)  # 2.0: one short of min_batches
+    assert level_corrections(every, own, cal, 10, large) == level_corrections(every, own, cal, 10)
+    large[50].observe(21.0, 42.0, 0.0, 8)
+    c, cm = level_corrections(every, own, cal, 10, large)
+    assert c[50] == 2.0 and c[5] == pytest.approx(1.2) and cm[50] == pytest.approx(1.2)
+    for _ in range(10):
+        large[5].observe(7.0, 7.0, 0.0, 8)  # a large tail below the pooled one does not lower c
+    assert level_corrections(every, own, cal, 10, large)[0][5] == pytest.approx(1.2)
 
 
 NOW = 1_700_000_000.0  # seconds since the epoch

@@ -151,6 +151,7 @@ def fix_schedule_inputs(monkeypatch, retriever, cal):
     monkeypatch.setattr(retriever, "calibration", cal)
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(min_c=1.0, max_c=1.0))
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
+    monkeypatch.setattr(retriever, "large_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
     monkeypatch.setattr(retriever, "overhead_ms", 0.0)
     monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
     monkeypatch.setattr(retriever.standing, "observe", lambda now_s, youngest_ms, target_ms: 0.0)
@@ -185,13 +186,46 @@ def test_a_level_uses_its_own_correction_once_it_has_served_enough_batches(retri
     for _ in range(retriever.LEVEL_MIN_BATCHES - 1):
         retriever.correction.observe(t(small, 1), 1.5 * t(small, 1))  # all levels: 1.5
         retriever.level_correction[small].observe(t(small, 1), 2.0 * t(small, 1))  # the small level alone: 2.0
-    c, cm = retriever._corrections(1.0)
+    c, cm = retriever._corrections(1.0, 1)
     assert c[small] == pytest.approx(1.5) and cm[small] == pytest.approx(1.5)  # too few of its own: all levels'
     retriever.level_correction[small].observe(t(small, 1), 2.0 * t(small, 1))
-    c, cm = retriever._corrections(1.0)
+    c, cm = retriever._corrections(1.0, 1)
     assert c[small] == 2.0 and cm[small] == pytest.approx(2.0)
     # the large level borrows the all-level excess (0.5·t_small ms), not the ratio
     assert c[large] == pytest.approx(1 + 0.5 * t(small, 1) / t(large, 1)) and c[large] < 1.5
+
+
+def test_a_large_batch_budgets_for_the_tail_of_the_levels_large_batches(retriever, monkeypatch):
+    levels = retriever.levels
+    monkeypatch.setattr(retriever, "correction", LatencyCorrection())
+    monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection() for k in levels})
+    monkeypatch.setattr(retriever, "large_correction", {k: LatencyCorrection() for k in levels})
+    level = levels[0]
+    t = retriever.calibration.t
+    assert retriever.max_batch == 4 and not retriever._large(2) and retriever._large(3)
+    for i in range(200):  # the pooled window: one large batch in 40, at 2.5 (the large ones' tail is wider)
+        b, ratio = (4, 2.5) if i % 40 == 0 else (1, 1.1)
+        retriever.correction.observe(t(level, b), ratio * t(level, b), 0.0, b)
+        retriever.level_correction[level].observe(t(level, b), ratio * t(level, b), 0.0, b)
+    for _ in range(retriever.LEVEL_MIN_BATCHES):  # the large batches' own window (kept for longer)
+        retriever.large_correction[level].observe(t(level, 4), 2.5 * t(level, 4), 0.0, 4)
+    pooled = retriever.level_correction[level].value
+    small_c, small_cm = retriever._corrections(0.0, 2)
+    large_c, large_cm = retriever._corrections(0.0, 3)
+    assert small_c[level] == pooled < 2.5 and large_c[level] == 2.5  # only a large batch at hand pays the wider tail
+    assert large_cm == small_cm  # the mean (queue, rate and spare bounds) pools every size
+    assert retriever._corrections(0.0, 3)[0][levels[-1]] == small_c[levels[-1]]  # a level without large batches: pooled
+    monkeypatch.setattr(retriever, "settings", HandlerSettings(latency_constraint_ms=1000.0, large_batch_tail=False))
+    assert retriever._corrections(0.0, 3)[0][level] == pooled
+
+
+def test_only_large_batches_feed_the_large_batch_tail(retriever, monkeypatch):
+    monkeypatch.setattr(retriever, "large_correction", {k: LatencyCorrection() for k in retriever.levels})
+    retriever.handle_batch([{"query": "one"}, {"query": "two"}], [now_header()] * 2)
+    assert sum(lc.count for lc in retriever.large_correction.values()) == 0
+    out = retriever.handle_batch([{"query": "q"}] * 4, [now_header()] * 4)
+    assert retriever.large_correction[out[0].payload["level"]].count == 1
+    assert retriever.describe()["large_batch_corrections"][str(out[0].payload["level"])]["batches"] == 1
 
 
 def test_a_borrowed_correction_is_an_additive_excess_at_the_mean_batch(retriever, monkeypatch):
@@ -203,7 +237,7 @@ def test_a_borrowed_correction_is_an_additive_excess_at_the_mean_batch(retriever
     for b in (2, 4):  # the small level lost 30 % of its time; mean batch 3
         t = cal.t(small, b)
         retriever.correction.observe(t, 1.3 * t, 0.0, b)
-    c, cm = retriever._corrections(0.0)
+    c, cm = retriever._corrections(0.0, 1)
     from_ms = (cal.t(small, 2) + cal.t(small, 4)) / 2
     assert cm[large] == pytest.approx(1 + 0.3 * from_ms / cal.t(large, 3))
     assert 1.0 < cm[large] < cm[small] == pytest.approx(1 + 0.3 * from_ms / cal.t(small, 3))
@@ -221,10 +255,10 @@ def test_a_level_held_off_by_old_ratios_comes_back_when_they_expire(retriever, m
         retriever.correction.observe(ts, 6 * ts, 0.0)
     for _ in range(5):  # batches since, at 1.5
         retriever.correction.observe(ts, 1.5 * ts, age - 1)
-    assert retriever._corrections(age - 0.5)[0][small] == 4.0  # its own ratios still count: held off
-    c, cm = retriever._corrections(age + 0.5)  # the stall's ratios are older than CORRECTION_MAX_AGE_S
+    assert retriever._corrections(age - 0.5, 1)[0][small] == 4.0  # its own ratios still count: held off
+    c, cm = retriever._corrections(age + 0.5, 1)  # the stall's ratios are older than CORRECTION_MAX_AGE_S
     assert c[small] == 1.5 and cm[small] == pytest.approx(1.5) and retriever.level_correction[small].count == 0
-    c, _ = retriever._corrections(2 * age + 1)  # nothing in the last CORRECTION_MAX_AGE_S: the calibration itself
+    c, _ = retriever._corrections(2 * age + 1, 1)  # nothing in the last CORRECTION_MAX_AGE_S: the calibration itself
     assert c[small] == 1.0 and retriever.correction.count == 0
 
 
