@@ -12,9 +12,10 @@ schedule sees it only afterwards, as one slow batch among its recent ratios.
 
 ``gc.freeze()`` (Python >= 3.7, docs.python.org/3/library/gc.html#gc.freeze) moves every object
 tracked so far into a permanent generation that no collection walks again, so the collections
-that follow walk only what the worker allocated since: the requests. The Python docs recommend
-it after a server's start-up for this reason (there: before fork, for copy-on-write). Objects
-frozen are never freed by the collector, which a model loaded once and kept does not need.
+that follow walk only what the worker allocated since: the requests. The Python docs describe
+it for a server that forks workers after start-up (to keep pages shared copy-on-write); here it
+serves the collector's pauses. Objects frozen are never freed by the collector, which a model
+loaded once and kept does not need.
 
 ``GcPauses`` times every collection through ``gc.callbacks`` (per generation: count, total and
 largest pause, milliseconds) so that describe() shows what the collector cost a running worker.
@@ -23,7 +24,6 @@ largest pause, milliseconds) so that describe() shows what the collector cost a 
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 
@@ -33,11 +33,12 @@ class GcPauses:
     ``start()`` registers the callback, ``stop()`` removes it; ``summary()`` gives
     {"gen0": {"count", "total_ms", "max_ms"}, "gen1": ..., "gen2": ...}. The callback runs inside
     the collection (with the GIL held), so its own cost is two perf_counter calls and a few
-    additions per collection.
+    additions per collection. It takes no lock: ``summary()`` allocates, an allocation can start
+    a collection in the same thread, and a callback waiting on a lock that thread holds would
+    never return. A summary read while a collection ends may mix counts of two moments.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._t0: float | None = None
         self.count = [0, 0, 0]
         self.total_ms = [0.0, 0.0, 0.0]
@@ -51,10 +52,9 @@ class GcPauses:
             return
         ms = (time.perf_counter() - self._t0) * 1000
         g = min(max(int(info.get("generation", 2)), 0), 2)
-        with self._lock:
-            self.count[g] += 1
-            self.total_ms[g] += ms
-            self.max_ms[g] = max(self.max_ms[g], ms)
+        self.count[g] += 1
+        self.total_ms[g] += ms
+        self.max_ms[g] = max(self.max_ms[g], ms)
         self._t0 = None
 
     def start(self) -> "GcPauses":
@@ -70,9 +70,8 @@ class GcPauses:
 
     def summary(self) -> dict:
         """Per generation: collections, their summed and their largest pause (milliseconds)."""
-        with self._lock:
-            return {f"gen{g}": {"count": self.count[g], "total_ms": round(self.total_ms[g], 3),
-                                "max_ms": round(self.max_ms[g], 3)} for g in range(3)}
+        return {f"gen{g}": {"count": self.count[g], "total_ms": round(self.total_ms[g], 3),
+                            "max_ms": round(self.max_ms[g], 3)} for g in range(3)}
 
 
 GC_PAUSES = GcPauses()  # the collector is per process, so one timer per process

@@ -521,13 +521,14 @@ class ElasticServer:
         # c: observed / predicted time over all levels; c_k per level (a level with fewer than
         # LEVEL_MIN_BATCHES batches borrows the all-level c); ratios older than CORRECTION_MAX_AGE_S
         # leave both windows, so a level held off by a stall's ratios comes back
-        self.correction = LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
-        self.level_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
-                                 for k in self.levels}
+        def window() -> LatencyCorrection:
+            return LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
+
+        self.correction = window()
+        self.level_correction = {k: window() for k in self.levels}
         # c_k over the level's large batches alone (more than LARGE_SHARE of batchSize): the tail
         # a large batch at hand budgets for (handler.large_batch_tail)
-        self.large_correction = {k: LatencyCorrection(quantile=s.deadline_quantile, max_age_s=self.CORRECTION_MAX_AGE_S)
-                                 for k in self.levels}
+        self.large_correction = {k: window() for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
         self.counters = {"batches": 0, "served": 0, "shed": 0, "shed_standing": 0, "bad_request": 0,
                          "request_start_used": 0, "request_start_ignored": 0}
