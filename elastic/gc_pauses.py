@@ -5,8 +5,9 @@ Why it matters to the schedule
 ------------------------------
 CPython's cyclic collector stops the interpreter while it runs, and a full (generation 2)
 collection walks every tracked container object. A worker that has imported TorchServe, torch
-and transformers and loaded a model holds about 220,000 of them; one full collection of the demo
-model's worker takes about 70 ms on this machine (``gc.collect(2)`` after ``server_for``), more
+and transformers and loaded a model holds 220,000-279,000 of them (the more when it calibrates at
+load, which imports scikit-learn); one full collection of the demo model's took 73-111 ms on this
+machine in four runs (``gc.collect(2)`` after ``server_for``), more
 than T = 50 ms. A collection that falls inside a batch adds its pause to the batch's time; the
 schedule sees it only afterwards, as one slow batch among its recent ratios.
 

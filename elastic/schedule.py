@@ -60,8 +60,10 @@ the measured p99 at 1.2-2.6 T:
    core takes in the burst and writes out the previous batch's answers, so their ratios spread
    wider than those of small batches at the same level. In the SLO sweep of 2026-11-24 at
    200 req/s, static 50 % ran batches of 1 at a p98 / median of model time of 7.9 / 6.6 ms
-   (1.2) and batches of 8 at 40.9 / 21.6 ms (1.9); the elastic server's answers past T in
-   that sweep came from its large level-50 batches. A quantile pooled over all batch sizes
+   (1.2) and batches of 8 at 40.9 / 21.6 ms (1.9), and in the three runs of the sweep after it
+   1.28-1.33 and 1.64-2.16 (``python -m benchmarks.batch_excess --rates 200 --servers
+   static50-T50 --tails 1 8``, benchmarks/results/slo_probes/sweep-large-tail/tails.md); the
+   elastic server's answers past T in the first sweep came from its large level-50 batches. A quantile pooled over all batch sizes
    budgets for the small batches' tail, which are most of them. So a large batch at hand
    (more than half of batchSize, ``handler.large_batch_tail``) budgets for the larger of the
    level's pooled tail and the tail of its large batches alone, where the level has run

@@ -150,8 +150,8 @@ class HandlerSettings:
             level's pooled tail (elastic/schedule.py, point 2); False pools every batch size.
         gc_freeze: after the model is loaded and calibrated, move every object the worker holds
             into Python's permanent generation (``gc.freeze()``, elastic/gc_pauses.py), so that
-            the collector's full collections no longer walk the loaded libraries and model (about
-            70 ms each on the demo model's worker, inside whichever batch they fall in).
+            the collector's full collections no longer walk the loaded libraries and model
+            (73-111 ms each on the demo model's worker, inside whichever batch they fall in).
     """
 
     latency_constraint_ms: float
