@@ -42,7 +42,7 @@ from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
-from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, Calibration, LatencyCorrection,
+from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
                               StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
                               parse_request_start, plan_batch, youngest_age_ms)
 
@@ -90,6 +90,10 @@ class HandlerSettings:
             "smallest" (one test for every level above the smallest, the first form: at
             400 req/s it flipped batches between 5 % and 20 % and scored 0.367-0.388 effective
             MRR@10, against 0.398-0.406 for "next" at σ 0.25).
+        rate_window_s: seconds of recent batches over which the arrival rate λ of the rate and
+            spare bounds is counted (> 0; elastic/schedule.py, ``ArrivalRate``). Longer is
+            steadier (Poisson noise falls as 1/sqrt(λ·window)) and slower to see a rush begin;
+            a burst within it still meets the batch's own deadline and the queue bound.
         deadline_quantile: the quantile of observed / predicted processing time (c_k, over the
             level's last 200 batches) that a batch's own deadline budgets for, in (0, 1]. Higher
             budgets for more of the tail, but a rush's slow batches then hold the level down for
@@ -161,6 +165,7 @@ class HandlerSettings:
     max_utilization: float = 1.0
     min_spare: float = 0.25
     spare_from: str = "next"
+    rate_window_s: float = 2.0
     deadline_quantile: float = 0.98
     return_share: float = 0.5
     standing_target: float = 0.4
@@ -234,6 +239,8 @@ class HandlerSettings:
             raise ValueError(f"handler.min_spare: must be in [0, 1), got {s.min_spare}")
         if s.spare_from not in SPARE_RUNGS:
             raise ValueError(f"handler.spare_from: expected one of {list(SPARE_RUNGS)}, got {s.spare_from!r}")
+        if not (s.rate_window_s > 0 and math.isfinite(s.rate_window_s)):
+            raise ValueError(f"handler.rate_window_s: must be a positive number of seconds, got {s.rate_window_s}")
         if not -20 <= s.worker_nice <= 19:
             raise ValueError(f"handler.worker_nice: must be in [-20, 19], got {s.worker_nice}")
         if not 0 < s.deadline_quantile <= 1:
@@ -479,9 +486,8 @@ class ElasticServer:
     TASK = "none"  # what describe() reports: "retrieval" or "glue:<task>"
     REQUEST_HINT = "a JSON body"  # what a request should be, for 405 / 415 messages
     LEVELS_FROM = "submap.json"  # where the levels come from, for the pin_level error
-    HISTORY = 32  # recent batches kept for age and arrival-rate estimates
-    RATE_MIN_SPAN_S = 0.25
-    RATE_WINDOW_S = 1.0  # seconds of batches that count for λ
+    HISTORY = 32  # recent batches kept for the age estimate
+    RATE_MIN_SPAN_S = 0.25  # λ over at least this span (schedule.ArrivalRate)
 
     def __init__(self, settings: HandlerSettings, max_batch: int = 1, queue=None, max_batch_delay_ms: float = 0.0):
         self.settings = settings
@@ -530,6 +536,7 @@ class ElasticServer:
         # a large batch at hand budgets for (handler.large_batch_tail)
         self.large_correction = {k: window() for k in self.levels}
         self.history: deque[tuple[float, int, int]] = deque(maxlen=self.HISTORY)  # (start, g, b)
+        self.arrivals = ArrivalRate(s.rate_window_s, min(self.RATE_MIN_SPAN_S, s.rate_window_s))  # λ
         self.counters = {"batches": 0, "served": 0, "shed": 0, "shed_standing": 0, "bad_request": 0,
                          "request_start_used": 0, "request_start_ignored": 0}
         # batches held below the largest level, by the bound that held them ("standing": drained)
@@ -712,18 +719,6 @@ class ElasticServer:
             ages.append(age)
         return ages, read
 
-    def _arrival_rate(self, now: float, n: int) -> float:
-        """λ in requests per second: the requests of the recent batches that started within the
-        last RATE_WINDOW_S (this one included) over the time since the oldest of them started,
-        that time taken as at least RATE_MIN_SPAN_S (a few requests close together after a quiet
-        spell are not a rush). Batches older than the window do not count, so a rush that has
-        passed stops holding the level down; 0 before any batch."""
-        recent = [(t, b) for t, _, b in self.history if now - t <= self.RATE_WINDOW_S]
-        if not recent:
-            return 0.0 if not self.history else n / self.RATE_WINDOW_S
-        span = max(now - recent[0][0], self.RATE_MIN_SPAN_S)
-        return (sum(b for _, b in recent) + n) / span
-
     def handle_batch(self, bodies: list[Any], request_starts: list[str | None] | None = None) -> list[Result]:
         """Answer every request of a batch; a bad one gets a 400 Result, a shed one a 503 with
         Retry-After, and the others go on.
@@ -771,7 +766,7 @@ class ElasticServer:
                                              s.standing_target * s.latency_constraint_ms)
             plan = plan_batch([a + spent for a in ages], g, s.latency_constraint_ms, self.calibration,
                               self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
-                              self._arrival_rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share,
+                              self.arrivals.rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share,
                               s.spare_from, standing, s.standing_interval_ms)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
@@ -810,6 +805,7 @@ class ElasticServer:
         self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms)
         self.counters["batches"] += 1
         self.history.append((start, g, n))
+        self.arrivals.observe(start, n)
         if full:
             self.queue.request()  # the next batch reads a g polled while this one was answered
         self._last_end, self._last_waiting, self._in_batch = time.perf_counter(), full, False

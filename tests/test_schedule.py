@@ -3,7 +3,7 @@ correction, shedding, age estimates, X-Request-Start parsing, validation."""
 
 import pytest
 
-from elastic.schedule import (Calibration, LatencyCorrection, StandingQueue, estimate_age_ms, expected_latency_ms,
+from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, StandingQueue, estimate_age_ms, expected_latency_ms,
                               level_corrections, parse_request_start, plan_batch, transfer_correction, youngest_age_ms)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
@@ -430,3 +430,22 @@ def test_youngest_age_reads_headers_else_the_estimate_spread_over_the_batch():
     assert youngest_age_ms([40.0] * 4, [False] * 4) == 10.0
     with pytest.raises(ValueError, match="youngest_age_ms: 2 ages and 1 header flags"):
         youngest_age_ms([1.0, 2.0], [True])
+
+
+def test_arrival_rate_forgets_a_rush_that_left_its_window():
+    r = ArrivalRate(window_s=1.0, min_span_s=0.25)
+    assert r.rate(100.0, 1) == 0.0  # no batch yet
+    for i in range(20):  # a rush: 20 batches of 8 over the half second before t = 100
+        r.observe(99.5 + i * 0.025, 8)
+    assert r.rate(100.0, 8) == pytest.approx((160 + 8) / 0.5)
+    # 1.5 s later the rush is out of the window: a lone request is not a rush
+    assert r.rate(101.5, 1) == pytest.approx(1.0)
+    # a few requests close together after a quiet spell count over min_span_s, not their gap
+    r.observe(102.0, 2)
+    assert r.rate(102.01, 2) == pytest.approx(4 / 0.25)
+
+
+@pytest.mark.parametrize("window_s,min_span_s", [(0, 0.25), (float("inf"), 0.25), (1.0, 0), (1.0, 2.0)])
+def test_arrival_rate_rejects_bad_windows(window_s, min_span_s):
+    with pytest.raises(ValueError, match=r"ArrivalRate: window_s must be > 0 and min_span_s in \(0, window_s\]"):
+        ArrivalRate(window_s, min_span_s)

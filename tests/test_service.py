@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from elastic.schedule import Calibration, LatencyCorrection
+from elastic.schedule import ArrivalRate, Calibration, LatencyCorrection
 from tests.conftest import faiss_top
 from elastic.service import BadRequest, ElasticRetriever, FixedQueue, HandlerSettings, http_refusal, parse_query
 
@@ -66,6 +66,8 @@ def test_settings_validation_names_the_field():
     ("standing_target", 0, r"handler.standing_target: must be in \(0, 1\], got 0.0"),
     ("standing_interval_ms", -1, r"handler.standing_interval_ms: must be >= 0 milliseconds \(0 = off\), got -1.0"),
     ("standing_interval_ms", "inf", r"handler.standing_interval_ms: must be >= 0 milliseconds"),
+    ("rate_window_s", 0, r"handler.rate_window_s: must be a positive number of seconds, got 0.0"),
+    ("rate_window_s", "nan", r"handler.rate_window_s: must be a positive number of seconds"),
 ])
 def test_schedule_settings_are_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg):
@@ -153,7 +155,7 @@ def fix_schedule_inputs(monkeypatch, retriever, cal):
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
     monkeypatch.setattr(retriever, "large_correction", {k: LatencyCorrection(min_c=1.0, max_c=1.0) for k in cal.ms})
     monkeypatch.setattr(retriever, "overhead_ms", 0.0)
-    monkeypatch.setattr(retriever, "_arrival_rate", lambda now, n: 0.0)
+    monkeypatch.setattr(retriever.arrivals, "rate", lambda now, n: 0.0)
     monkeypatch.setattr(retriever.standing, "observe", lambda now_s, youngest_ms, target_ms: 0.0)
 
 
@@ -487,20 +489,17 @@ def test_overhead_is_the_bias_corrected_mean_of_the_gaps_from_the_first_one(retr
         r.overhead_ms, r._overhead_weight, r._last_end, r._last_waiting = saved
 
 
-def test_arrival_rate_counts_only_the_last_second(retriever):
-    r = retriever
-    saved = list(r.history)
-    try:
-        r.history.clear()
-        assert r._arrival_rate(100.0, 1) == 0.0  # no batch yet
-        for i in range(20):  # a rush: 20 batches of 8 over the half second before t = 100
-            r.history.append((99.5 + i * 0.025, 0, 8))
-        assert r._arrival_rate(100.0, 8) == pytest.approx((160 + 8) / 0.5)
-        # 1.5 s later the rush is out of the window: a lone request is not a rush
-        assert r._arrival_rate(101.5, 1) == pytest.approx(1.0)
-    finally:
-        r.history.clear()
-        r.history.extend(saved)
+def test_arrival_rate_counts_the_batches_of_its_window(retriever, monkeypatch):
+    """The handler's λ comes from every batch of the last rate_window_s (2 s), not from the 32
+    batches that the age estimate keeps: 80 batches of 4 over 2 s are 160 req/s."""
+    monkeypatch.setattr(retriever, "arrivals", ArrivalRate(retriever.settings.rate_window_s))
+    assert retriever.settings.rate_window_s == 2.0
+    r = retriever.arrivals
+    assert r.rate(100.0, 1) == 0.0  # no batch yet
+    for i in range(80):
+        r.observe(98.0 + i * 0.025, 4)
+    assert len(retriever.history) <= retriever.HISTORY < 80
+    assert r.rate(100.0, 0) == pytest.approx(320 / 2.0)
 
 
 def test_sgemm_search_equals_faiss_flat_ip_and_other_indexes_keep_faiss():
