@@ -483,6 +483,11 @@ class ArrivalRate:
         self._sum = 0
         self._seen = False
 
+    @property
+    def batches(self) -> int:
+        """Batches in the window as of the last ``rate`` call (older ones leave it there)."""
+        return len(self._batches)
+
     def observe(self, start_s: float, requests: int) -> None:
         """Record a batch of ``requests`` that started at ``start_s`` (seconds, any monotonic clock)."""
         self._batches.append((start_s, requests))
