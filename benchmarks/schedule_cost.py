@@ -3,12 +3,13 @@
     python -m benchmarks.schedule_cost [--batch 8] [--levels 7] [--repeats 20000]
 
 Times what the serving core adds per batch for scheduling (elastic/service.py handle_batch):
-parsing each request's X-Request-Start, the arrival rate over the recent batches, the plan
-(plan_batch: shedding and the level over 7 levels and 4 calibrated batch sizes), the corrections
-per level (level_corrections: the served level's own, the others borrowed from all levels as an
+parsing each request's X-Request-Start, the arrival rate over the batches of the last
+rate_window_s (100 batches a second in its window), the plan (plan_batch: shedding and the
+level over 7 levels and 4 calibrated batch sizes), the corrections per level
+(level_corrections: the served level's own, the others borrowed from all levels as an
 additive excess, the costlier path; a full batch also takes the tail of the level's large
-batches), and the correction updates after the batch (all levels, the served one and its large
-batches). Pure Python, one thread; prints the median and p99.
+batches), and the correction updates after the batch (all levels, the served one and its
+large batches). Pure Python, one thread; prints the median and p99.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import statistics
 import time
 from collections import deque
 
-from elastic.schedule import (Calibration, LatencyCorrection, estimate_age_ms, level_corrections, parse_request_start,
-                             plan_batch)
+from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, estimate_age_ms, level_corrections,
+                             parse_request_start, plan_batch)
 from elastic.service import HandlerSettings
 
 
@@ -44,6 +45,13 @@ def main() -> None:
         per_level[served].observe(5.0, 6.0, 0.0, a.batch)
         large[served].observe(5.0, 6.5, 0.0, a.batch)
     history = deque(((i * 0.01, 4, a.batch) for i in range(32)), maxlen=32)
+    # λ over the handler's window, in steady state: a batch every 10 ms (100 batches a second), so
+    # one leaves the window as one arrives
+    arrivals = ArrivalRate(HANDLER_DEFAULTS.rate_window_s)
+    step = 0.01
+    n_window = int(HANDLER_DEFAULTS.rate_window_s / step)
+    for i in range(n_window):
+        arrivals.observe(i * step, a.batch)
     times = []
     for i in range(a.repeats):
         now = time.time()
@@ -51,7 +59,8 @@ def main() -> None:
         t0 = time.perf_counter()
         ages = [parse_request_start(h, now) for h in headers]
         ages = [x if x is not None else estimate_age_ms(0.33, history, 3.0) for x in ages]
-        rate = (sum(b for _, _, b in history) + a.batch) / 0.32
+        clock = (n_window + i) * step
+        rate = arrivals.rate(clock, a.batch)
         c, cm = level_corrections(corr, per_level, cal, 20, large if a.batch >= 2 else None)
         plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm,
                           min_spare=HANDLER_DEFAULTS.min_spare, return_share=HANDLER_DEFAULTS.return_share,
@@ -60,6 +69,7 @@ def main() -> None:
         per_level[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         large[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))
+        arrivals.observe(clock, a.batch)
         times.append((time.perf_counter() - t0) * 1e6)
     times.sort()
     print(f"schedule cost per batch of {a.batch} ({a.levels} levels, {len(sizes)} calibrated batch sizes): "
