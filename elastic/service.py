@@ -838,6 +838,8 @@ class ElasticServer:
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
             "spare_from": self.settings.spare_from,
+            "rate_window_s": self.settings.rate_window_s,
+            "arrival_rate_rps": round(self.arrivals.rate(time.perf_counter(), 0), 1),  # λ now, req/s
             "return_share": self.settings.return_share,
             "standing_target": self.settings.standing_target,
             "standing_interval_ms": self.settings.standing_interval_ms,

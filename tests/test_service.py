@@ -502,6 +502,8 @@ def test_arrival_rate_counts_every_batch_of_its_window(retriever, monkeypatch):
         pytest.skip(f"{retriever.HISTORY + 8} batches took {elapsed:.1f} s, longer than the window")
     assert retriever.arrivals.rate(time.perf_counter(), 0) > 0
     assert retriever.arrivals.batches == retriever.HISTORY + 8 > len(retriever.history)
+    d = retriever.describe()
+    assert d["rate_window_s"] == 2.0 and d["arrival_rate_rps"] > 0
 
 
 def test_sgemm_search_equals_faiss_flat_ip_and_other_indexes_keep_faiss():
