@@ -63,8 +63,9 @@ the measured p99 at 1.2-2.6 T:
    (1.2) and batches of 8 at 40.9 / 21.6 ms (1.9), and in the three runs of the sweep after it
    1.28-1.33 and 1.64-2.16 (``python -m benchmarks.batch_excess --rates 200 --servers
    static50-T50 --tails 1 8``, benchmarks/results/slo_probes/sweep-large-tail/tails.md); the
-   elastic server's answers past T in the first sweep came from its large level-50 batches. A quantile pooled over all batch sizes
-   budgets for the small batches' tail, which are most of them. So a large batch at hand
+   elastic server's answers past T in the first sweep came from its large level-50 batches. A
+   quantile pooled over all batch sizes budgets for the small batches' tail, which are most of
+   them. So a large batch at hand
    (more than half of batchSize, ``handler.large_batch_tail``) budgets for the larger of the
    level's pooled tail and the tail of its large batches alone, where the level has run
    enough of them lately.
