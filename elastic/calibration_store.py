@@ -3,7 +3,7 @@ version with another T) serves within about a second instead of re-timing every 
 size) cell first (about 8 s for the demo model on this machine).
 
 A stored calibration is reused only for the same model files, machine, torch version, thread
-count, task, levels and batch sizes (``calibration_key``); anything else is re-measured. The
+count, task, levels, batch sizes and packing (``calibration_key``); anything else is re-measured. The
 serving core re-measures a reused one in the background while the worker is idle
 (``ElasticServer``), and the online corrections c_k adapt it to what serving sees meanwhile.
 """
@@ -61,10 +61,12 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def calibration_key(model_dir: str | Path, task: str, levels: list[int], batch_sizes: tuple[int, ...],
-                    threads: int) -> dict:
-    """What a stored calibration must match to be reused."""
+                    threads: int, packed: bool = False) -> dict:
+    """What a stored calibration must match to be reused (``packed``: the levels run from
+    contiguous copies, handler.packed_levels, which changes t_k)."""
     return {"model": model_fingerprint(model_dir), "machine": machine_id(), "torch": torch.__version__,
-            "threads": threads, "task": task, "levels": list(levels), "batch_sizes": list(batch_sizes)}
+            "threads": threads, "task": task, "levels": list(levels), "batch_sizes": list(batch_sizes),
+            "packed": packed}
 
 
 def load(model_dir: str | Path, key: dict) -> Calibration | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from elastic.query_head import FILE as QUERY_HEADS, QueryHeads
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pool, save_state
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pack, pool, save_state
 from elastic.submap import Submap
 
 
@@ -39,6 +39,9 @@ class ElasticEncoder:
         model_dir: a directory as described in the module docstring.
         query_heads: load query_heads.safetensors when the directory has one (False: the SubLMs'
             pooled embeddings as they are, for measuring what the heads add).
+        packed: serve each level from its own contiguous copy of the encoder layers
+            (``structure.pack``) instead of slicing the stored weights; for inference only (the
+            copies do not follow later changes to ``model``; ``hidden`` with gates slices).
 
     Raises:
         FileNotFoundError: config.json or model.safetensors is missing.
@@ -46,7 +49,7 @@ class ElasticEncoder:
             weights (the message names the file and the field or tensor).
     """
 
-    def __init__(self, model_dir: str | Path, query_heads: bool = True):
+    def __init__(self, model_dir: str | Path, query_heads: bool = True, packed: bool = False):
         from transformers import AutoTokenizer
 
         self.model_dir = d = Path(model_dir)
@@ -70,6 +73,7 @@ class ElasticEncoder:
         self.query_heads = (QueryHeads.load(d / QUERY_HEADS, self.levels, self.dims.hidden_size, d / "model.safetensors")
                             if query_heads and (d / QUERY_HEADS).exists() else None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
+        self.packed = pack(self.model, self.submap.levels) if packed else None
 
     def save(self, out: str | Path, model: ElasticBert | None = None, submap: Submap | None = None) -> None:
         """Write a model directory: config.json, model.safetensors (``model``, default this
@@ -108,6 +112,9 @@ class ElasticEncoder:
         """(B, T, d) last hidden states of a tokenized batch by the SubLM at ``level`` (grad
         follows torch's grad mode). ``gates``: head_gates / neuron_gates of ElasticBert.forward,
         for expressive scores only."""
+        if self.packed is not None and not gates:
+            self.sublm(level)  # a level the submap does not hold: its error
+            return self.packed[level](batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                           sublm=self.sublm(level), **gates)
 

@@ -40,6 +40,7 @@ import torch
 
 from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
+from elastic.structure import packed_bytes
 from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
@@ -152,6 +153,10 @@ class HandlerSettings:
         large_batch_tail: a batch at hand of more than half of batchSize budgets its own
             deadline for the tail of the level's large batches when that is higher than the
             level's pooled tail (elastic/schedule.py, point 2); False pools every batch size.
+        packed_levels: retrieval and pipeline: serve each level from its own contiguous copy of
+            the encoder layers (elastic/structure.py, ``pack``) instead of strided slices of the
+            largest SubLM's matrices; costs the encoder-layer weights of every smaller level
+            (``describe()["packed_bytes"]``).
         gc_freeze: after the model is loaded and calibrated, move every object the worker holds
             into Python's permanent generation (``gc.freeze()``, elastic/gc_pauses.py), so that
             the collector's full collections no longer walk the loaded libraries and model
@@ -186,6 +191,7 @@ class HandlerSettings:
     calibration_cache: bool = True
     metrics_interval_s: float = 1.0
     large_batch_tail: bool = True
+    packed_levels: bool = False
     gc_freeze: bool = True
 
     @classmethod
@@ -514,7 +520,7 @@ class ElasticServer:
         key = stored = None
         if s.calibration_cache:
             key = calibration_store.calibration_key(model_dir, self.TASK, self.levels, self._batch_sizes(),
-                                                    s.torch_threads)
+                                                    s.torch_threads, s.packed_levels)
             stored = calibration_store.load(model_dir, key)
         if stored is not None:
             self.calibration, self.calibration_source = stored, "stored"
@@ -924,7 +930,7 @@ class ElasticRetriever(ElasticServer):
         super().__init__(settings, max_batch, queue, max_batch_delay_ms)
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
-        self.encoder = ElasticEncoder(d, query_heads=settings.query_heads)
+        self.encoder = ElasticEncoder(d, query_heads=settings.query_heads, packed=settings.packed_levels)
         self.index, self._matrix, self.pids = load_passage_search(d, self.encoder.dims.hidden_size)
         self._ready(d)
 
@@ -935,7 +941,9 @@ class ElasticRetriever(ElasticServer):
     def describe(self) -> dict:
         """The base description, plus whether queries go through per-level query heads
         (elastic/query_head.py)."""
-        return {**super().describe(), "query_heads": self.encoder.query_heads is not None}
+        enc = self.encoder
+        return {**super().describe(), "query_heads": enc.query_heads is not None,
+                "packed_bytes": 0 if enc.packed is None else packed_bytes(enc.model, enc.packed)}
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated (their lengths decide over-long queries)."""
@@ -1260,7 +1268,7 @@ class ElasticPipelineServer(ElasticRetriever):
         ElasticServer.__init__(self, settings, max_batch, queue, max_batch_delay_ms)
         d = Path(model_dir)
         faiss.omp_set_num_threads(settings.torch_threads)
-        self.encoder = ElasticEncoder(d / "denser", query_heads=settings.query_heads)
+        self.encoder = ElasticEncoder(d / "denser", query_heads=settings.query_heads, packed=settings.packed_levels)
         self.ranker = CrossEncoder(d / "ranker", settings.pair_max_length)
         self.index, self._matrix, self.pids = load_passage_search(d, self.encoder.dims.hidden_size)
         text = read_tsv(d / "passages.tsv.gz")

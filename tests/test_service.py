@@ -7,6 +7,7 @@ import re
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,6 +145,20 @@ def test_answers_equal_direct_search_at_that_level(retriever, tiny_elastic):
     idx = faiss_top(tiny_elastic, q)
     assert [h["pid"] for h in out["results"]] == [retriever.pids[j] for j in idx[0]]
     assert retriever.index is None and retriever._matrix.shape == (q.shape[1], len(retriever.pids))  # one copy
+
+
+def test_packed_levels_answer_as_the_sliced_model_does(retriever, tiny_elastic):
+    packed = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, query_max_length=16,
+                                                            calibration_repeats=1, packed_levels=True),
+                              max_batch=4, queue=FixedQueue(0))
+    queries = ["what is a bank", "who wrote hamlet", "boiling point of water at altitude"]
+    items = packed._prepare([{"query": q} for q in queries])
+    for level in packed.levels:
+        got, want = packed._run(items, level), retriever._run(items, level)
+        assert np.allclose(got[0], want[0], atol=1e-5) and (got[1] == want[1]).all()
+    assert packed.describe()["packed_bytes"] > 0 and retriever.describe()["packed_bytes"] == 0
+    with pytest.raises(ValueError, match=r"level 7 is not in submap.json"):
+        packed._run(items, 7)
 
 
 def fix_schedule_inputs(monkeypatch, retriever, cal):
@@ -563,6 +578,9 @@ def test_a_restarted_worker_reuses_the_stored_calibration_and_re_measures_it_whe
     other = ElasticRetriever(model, HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2, torch_threads=2),
                              max_batch=2)
     assert other.calibration_source == "measured"
+    packed = ElasticRetriever(model, HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2,
+                                                     packed_levels=True), max_batch=2)
+    assert packed.calibration_source == "measured"  # packed levels run at other t_k
     (model / calibration_store.FILE).write_text("{not json")
     assert ElasticRetriever(model, settings, max_batch=2).calibration_source == "measured"
     off = HandlerSettings.from_yaml({"latency_constraint_ms": 50, "calibration_cache": "false"}, environ={})

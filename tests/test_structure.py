@@ -4,7 +4,7 @@ physically pruned copy; reordering keeps the function; bad layouts are refused."
 import pytest
 import torch
 
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, permute, prune
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, mha_ffn_params, pack, packed_bytes, permute, prune
 
 
 def _load(tiny_dir):
@@ -45,6 +45,31 @@ def test_sublm_equals_physically_pruned_copy(tiny_dir, heads, neurons):
     ids, mask = _batch()
     with torch.no_grad():
         assert torch.allclose(m(ids, mask, sublm=s), pruned(ids, mask), atol=1e-6)
+
+
+def test_packed_levels_equal_slices_and_share_embeddings(tiny_dir):
+    m = _load(tiny_dir)
+    sublms = {100: m.layout, 50: SubLM((3, 1), (20, 37)), 10: SubLM((1, 0), (0, 1))}
+    packed = pack(m, sublms)
+    assert packed[100] is m  # the stored layout serves from the stored weights
+    ids, mask = _batch()
+    for level, s in sublms.items():
+        p = packed[level]
+        assert p.embeddings is m.embeddings and not p.training
+        w = p.encoder.layer[1].output.dense.weight
+        assert w.shape == (32, s.neurons[1]) and w.is_contiguous()
+        with torch.no_grad():
+            assert torch.allclose(p(ids, mask), m(ids, mask, sublm=s), atol=1e-6)
+    dims = m.dims
+    per_layer_shared = 32 + 2 * 32 + 32 + 2 * 32  # W^O bias, LN1, FFN-out bias, LN2: copied per level
+    want = sum(mha_ffn_params(dims, s) + dims.num_hidden_layers * per_layer_shared for s in (sublms[50], sublms[10]))
+    assert packed_bytes(m, packed) == 4 * want
+
+
+def test_pack_refuses_a_sublm_outside_the_layout(tiny_dir):
+    m = _load(tiny_dir)
+    with pytest.raises(ValueError, match=r"is not within the stored layout"):
+        pack(m, {50: SubLM((5, 1), (20, 37))})
 
 
 def test_slicing_takes_views_not_copies(tiny_dir):
