@@ -156,7 +156,9 @@ class HandlerSettings:
         packed_levels: retrieval and pipeline: serve each level from its own contiguous copy of
             the encoder layers (elastic/structure.py, ``pack``) instead of strided slices of the
             largest SubLM's matrices; costs the encoder-layer weights of every smaller level
-            (``describe()["packed_bytes"]``).
+            (``describe()["packed_bytes"]``). Off: under load it shed more than slicing at
+            600-800 req/s and ran level 5 no faster (README "Contiguous per-level weights",
+            slo_probes/packed-levels/).
         gc_freeze: after the model is loaded and calibrated, move every object the worker holds
             into Python's permanent generation (``gc.freeze()``, elastic/gc_pauses.py), so that
             the collector's full collections no longer walk the loaded libraries and model
