@@ -40,12 +40,12 @@ import torch
 
 from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
-from elastic.structure import packed_bytes
 from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
                               StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
                               parse_request_start, plan_batch, youngest_age_ms)
+from elastic.structure import packed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -942,7 +942,7 @@ class ElasticRetriever(ElasticServer):
 
     def describe(self) -> dict:
         """The base description, plus whether queries go through per-level query heads
-        (elastic/query_head.py)."""
+        (elastic/query_head.py) and the bytes that handler.packed_levels adds (0 when off)."""
         enc = self.encoder
         return {**super().describe(), "query_heads": enc.query_heads is not None,
                 "packed_bytes": 0 if enc.packed is None else packed_bytes(enc.model, enc.packed)}
