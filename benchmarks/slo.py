@@ -3,7 +3,7 @@
     python -m benchmarks.slo --config configs/demo.yaml [--T 25 50 100] [--rates 50 100 200 300 400]
         [--servers elastic elastic-paper static noop] [--static-levels 50 30 20 10 5]
         [--duration-s 30] [--warmup-s 5] [--startup-warmup-s 10] [--repeats 3] [--repeat-T 50] [--out benchmarks/results]
-        [--worker-nice -10] [--handler max_utilization=0.9 ...]
+        [--worker-nice -10] [--handler max_utilization=0.9 ...] [--work slo]
 
 Servers, all on the same TorchServe and batching (serve.batch_size, serve.max_batch_delay_ms):
 - elastic: the deadline rule with shedding (the default handler settings);
@@ -30,6 +30,10 @@ Writes into --out:
 - slo.md: the sustainable rate of each server at each T (the highest rate where every run had
   within_T >= 0.99), the spread of the repeated points, and the full table;
 - slo_within_T.png and slo_effective_mrr.png: against rate, one line per server, one panel per T.
+
+and into the work folder (--work, run_dir/slo by default) the raw runs, one JSON line per request
+(``<server>/raw-<rate>-<pass>.jsonl``), and each server's describe.json at registration and
+describe_end.json after its last run; a later invocation with the same work folder overwrites them.
 """
 
 from __future__ import annotations
@@ -401,7 +405,7 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
 
 
 def prepare_store(cfg: RecipeConfig, name: str) -> tuple[Path, Path, Path]:
-    """(work, store, base): run_dir/<name> as the work folder, its model store with the recipe's
+    """(work, store, base): run_dir/<name> as the work folder (``name`` absolute: itself), its model store with the recipe's
     model as a no-archive directory ``base`` (variants are hard-linked copies, model_variant)
     and the no-op model, both with the recipe's batching."""
     work = (cfg.run / name).resolve()
@@ -446,6 +450,11 @@ def main() -> None:
     ap.add_argument("--pipeline-config", help="recipe YAML of the ElasticRanker and its run_dir/pipeline/pipeline.json "
                     "(benchmarks.pipeline_quality), for the pipeline server (its denser is this --config's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--work", default="slo",
+                    help="work folder under the recipe's run_dir (or a path) for the model store, the raw runs "
+                         "(<server>/raw-<rate>-<pass>.jsonl) and each server's describe.json; a probe given its "
+                         "own keeps a sweep's raw runs, which benchmarks.overhead and benchmarks.batch_excess "
+                         "read (--runs), from being overwritten")
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out/slo.json")
     ap.add_argument("--report-only", metavar="HOW", help="write slo.md and the plots from --out/slo.json as it is "
                                                          "(e.g. after a stopped run), HOW being the line on how it ran")
@@ -463,7 +472,7 @@ def main() -> None:
         raise SystemExit("--servers pipeline: needs --pipeline-config (the ElasticRanker's recipe)")
     cfg = load_config(a.config)
     s = cfg.serve
-    work, store, base = prepare_store(cfg, "slo")
+    work, store, base = prepare_store(cfg, a.work)
     pipeline_base = None
     if "pipeline" in a.servers:
         from archive.build_mar import run_pipeline
