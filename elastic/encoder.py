@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from elastic.query_head import FILE as QUERY_HEADS, QueryHeads
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pack, pool, save_state
+from elastic.structure import BertDims, ElasticBert, SubLM, load_state, pack, packed_bytes, pool, save_state
 from elastic.submap import Submap
 
 
@@ -74,6 +74,7 @@ class ElasticEncoder:
                             if query_heads and (d / QUERY_HEADS).exists() else None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         self.packed = pack(self.model, self.submap.levels) if packed else None
+        self.packed_bytes = packed_bytes(self.model, self.packed) if packed else 0  # what the copies add
 
     def save(self, out: str | Path, model: ElasticBert | None = None, submap: Submap | None = None) -> None:
         """Write a model directory: config.json, model.safetensors (``model``, default this

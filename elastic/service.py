@@ -45,7 +45,6 @@ from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
                               StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
                               parse_request_start, plan_batch, youngest_age_ms)
-from elastic.structure import packed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -943,9 +942,8 @@ class ElasticRetriever(ElasticServer):
     def describe(self) -> dict:
         """The base description, plus whether queries go through per-level query heads
         (elastic/query_head.py) and the bytes that handler.packed_levels adds (0 when off)."""
-        enc = self.encoder
-        return {**super().describe(), "query_heads": enc.query_heads is not None,
-                "packed_bytes": 0 if enc.packed is None else packed_bytes(enc.model, enc.packed)}
+        return {**super().describe(), "query_heads": self.encoder.query_heads is not None,
+                "packed_bytes": self.encoder.packed_bytes}
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, untruncated (their lengths decide over-long queries)."""

@@ -3,8 +3,9 @@ correction, shedding, age estimates, X-Request-Start parsing, validation."""
 
 import pytest
 
-from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, StandingQueue, estimate_age_ms, expected_latency_ms,
-                              level_corrections, parse_request_start, plan_batch, transfer_correction, youngest_age_ms)
+from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, StandingQueue, estimate_age_ms,
+                              expected_latency_ms, level_corrections, parse_request_start, plan_batch,
+                              transfer_correction, youngest_age_ms)
 
 CAL = Calibration((1,), {50: (10.0,), 30: (6.0,), 10: (2.0,)})
 

@@ -4,7 +4,8 @@ physically pruned copy; reordering keeps the function; bad layouts are refused."
 import pytest
 import torch
 
-from elastic.structure import BertDims, ElasticBert, SubLM, load_state, mha_ffn_params, pack, packed_bytes, permute, prune
+from elastic.structure import (BertDims, ElasticBert, SubLM, load_state, mha_ffn_params, pack, packed_bytes, permute,
+                               prune)
 
 
 def _load(tiny_dir):
