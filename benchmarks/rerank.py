@@ -41,7 +41,7 @@ from benchmarks.evaluate import EvalData, passage_embeddings
 from elastic.data import read_run
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import retrieval_metrics
-from elastic.ranker import CrossEncoder, reciprocal_rank_fusion
+from elastic.ranker import PAIR_TRUNCATION, CrossEncoder, reciprocal_rank_fusion
 from elastic.structure import gflops
 from training.config import RecipeConfig, load_config, teacher_path
 from training.negatives import bm25_index, bm25_search
@@ -117,18 +117,21 @@ def pair_tokens(model: CrossEncoder, queries: dict[str, str], texts: dict[str, s
     """Mean tokenized length of the reranked pairs (what GFLOPs per pair is computed at)."""
     qs = [queries[q] for q in cands for _ in cands[q]]
     ps = [texts[p] for q in cands for p in cands[q]]
-    ids = model.tokenizer(qs, ps, truncation="only_second", max_length=model.task.max_length)["input_ids"]
+    ids = model.tokenizer(qs, ps, truncation=PAIR_TRUNCATION, max_length=model.task.max_length)["input_ids"]
     return round(sum(map(len, ids)) / len(ids))
 
 
 def cross_rows(cfg: RecipeConfig, model: CrossEncoder, system: str, first_stage: str, depth: int, denser_level,
-               queries, texts, cands, qrels) -> list[dict]:
-    """One row per level of a cross-encoder reranking ``cands``."""
+               queries, texts, cands, qrels, device: torch.device = torch.device("cpu")) -> list[dict]:
+    """One row per level of a cross-encoder reranking ``cands``: quality scored on ``device``,
+    latency always on the CPU (one thread), where the served model runs."""
     tokens = pair_tokens(model, queries, texts, cands)
     sample_q = next(iter(cands))
     rows = []
     for level in model.levels:
+        model.model.to(device)
         scores = rerank_cross(model, level, queries, texts, cands, cfg.ranker.eval_batch_size)
+        model.model.to("cpu")
         q = quality(qrels, reorder(cands, scores))
         lat = median_ms(lambda: model.score([queries[sample_q]] * len(cands[sample_q]),
                                             [texts[p] for p in cands[sample_q]], level, depth), 10)
@@ -190,12 +193,43 @@ def denser_source(cfg: RecipeConfig, denser_run: Path | None = None) -> Path | N
     return None
 
 
+def dense_first_stage(cfg: RecipeConfig, data: EvalData, denser_run: Path, depth: int) -> tuple[dict[str, list[str]], int]:
+    """({qid: [pid, ...]} best first, level): the largest SubLM of ``denser_run``'s ElasticDenser
+    searched in its served index (run_dir/index, as the handler searches it), top ``depth``,
+    passages outside the collection dropped."""
+    import faiss  # the served index (training/build_index.py)
+
+    index_dir = denser_run / "index"
+    denser = ElasticEncoder(denser_run / "elastic")
+    level = denser.levels[0]
+    Qd = denser.encode(list(data.qtexts), level, cfg.encode.query_max_length, 128, query=True)  # (Q, d)
+    served = faiss.read_index(str(index_dir / "index.faiss"))
+    served_pids = (index_dir / "pids.txt").read_text().split()
+    _, idx = served.search(Qd.numpy(), min(depth, len(served_pids)))
+    collection = set(data.pids)
+    return {q: [served_pids[j] for j in idx[i] if served_pids[j] in collection] for i, q in enumerate(data.qids)}, level
+
+
+def write_trec_run(ranked: dict[str, list[str]], path: Path, tag: str) -> None:
+    """``ranked`` ({qid: [pid, ...]} best first) as a TREC run (``qid Q0 pid rank score tag``;
+    score = depth - rank + 1, so that elastic.data.read_run keeps the order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for q, pids in ranked.items():
+            for r, p in enumerate(pids, 1):
+                f.write(f"{q} Q0 {p} {r} {len(pids) - r + 1} {tag}\n")
+
+
 def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], depth: int,
-             denser_run: Path | None = None) -> tuple[list[dict], dict]:
+             denser_run: Path | None = None, dense_first: tuple[dict[str, list[str]], int] | None = None,
+             device: torch.device = torch.device("cpu")) -> tuple[list[dict], dict]:
     """(rerank rows, pseudo-label check).
 
     ``denser_run``: the run directory whose ElasticDenser (elastic/, index/) gives the "dense"
-    first stage, as ``denser_source`` resolved it; None: BM25 only.
+    first stage, as ``denser_source`` resolved it; ``dense_first``: that first stage given instead,
+    as ({qid: [pid, ...]}, the ElasticDenser level that made it), e.g. a run file that
+    ``--save-dense-run`` wrote on another machine; neither: BM25 only. ``device``: where the
+    cross-encoders score for quality (latency is timed on the CPU).
 
     Raises:
         FileNotFoundError: the ranker's teacher has not been trained (run training.ranker_teacher).
@@ -218,16 +252,10 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
     qi = {q: i for i, q in enumerate(qids)}
     stages, dense_level = {"bm25": cands}, None
     if denser_run is not None:
-        index_dir = denser_run / "index"
-        import faiss  # the served index (training/build_index.py), searched as the handler does
-
-        denser = ElasticEncoder(denser_run / "elastic")
-        dense_level = denser.levels[0]
-        Qd = denser.encode([queries[q] for q in qids], dense_level, cfg.encode.query_max_length, 128, query=True)
-        served = faiss.read_index(str(index_dir / "index.faiss"))
-        served_pids = (index_dir / "pids.txt").read_text().split()
-        _, idx = served.search(Qd.numpy(), min(depth, len(served_pids)))
-        stages["dense"] = {q: [served_pids[j] for j in idx[qi[q]] if served_pids[j] in collection] for q in qids}
+        dense_first = dense_first_stage(cfg, data, denser_run, depth)
+    if dense_first is not None:
+        ranked, dense_level = dense_first
+        stages["dense"] = {q: [p for p in ranked.get(q, []) if p in collection][:depth] for q in qids}
     rows = [row("bm25", "bm25", depth, None, None, quality(qrels, cands), None, None)]
     dense_ms = median_ms(lambda: dense.encode([queries[qids[0]]], 100, cfg.encode.query_max_length, 1), 20)
     for stage, c in stages.items():
@@ -236,7 +264,7 @@ def evaluate(cfg: RecipeConfig, data: EvalData, first: dict[str, list[str]], dep
         rows.append(row("dense-teacher", stage, depth, None, denser_level, quality(qrels, reorder(c, scores)), None,
                         dense_ms))
         for system, model in systems:
-            rows += cross_rows(cfg, model, system, stage, depth, denser_level, queries, collection, c, qrels)
+            rows += cross_rows(cfg, model, system, stage, depth, denser_level, queries, collection, c, qrels, device)
     return rows, pseudo_label_check(cfg, queries, qrels, pids, data.ptexts, P, Q)
 
 
@@ -284,21 +312,29 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: str | None, collection: str | None,
-        depth: int | None, out: Path | None, denser_run: Path | None = None) -> list[dict]:
+        depth: int | None, out: Path | None, denser_run: Path | None = None, dense_candidates: str | None = None,
+        denser_level: int | None = None, device: str = "cpu") -> list[dict]:
     t0 = time.time()
-    source = denser_source(cfg, denser_run)  # fails before anything loads when a named run cannot serve
+    if dense_candidates is not None and denser_run is not None:
+        raise ValueError("--dense-candidates and --denser-run: give one dense first stage, not both")
+    if (dense_candidates is None) != (denser_level is None):
+        raise ValueError("--dense-candidates and --denser-level go together (the run file and the level that made it)")
+    dense_first = (read_run(dense_candidates), denser_level) if dense_candidates is not None else None
+    source = None if dense_first else denser_source(cfg, denser_run)  # fails before anything loads
     qfile, rfile = queries or cfg.data.dev_queries, qrels or cfg.data.qrels
     cfile, colfile = candidates or cfg.data.candidates, collection or cfg.data.collection
     data, first = EvalData.load(cfg, qfile, rfile, colfile), read_run(cfile)
     depth = depth or cfg.ranker.eval_depth
-    rows, labels = evaluate(cfg, data, first, depth, source)
+    rows, labels = evaluate(cfg, data, first, depth, source, dense_first, torch.device(device))
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "
            f"{colfile} ({len(data.pids):,} passages); each first stage's top {depth} reranked; latency: median of 10, one "
            f"query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all. First stages: BM25 (the run above)"
            + (f" and ElasticDenser's largest SubLM from {source} (its served index)." if source else
-              f"; no ElasticDenser in {cfg.run}, so no dense first stage (--denser-run names one)."))
+              f" and ElasticDenser at {denser_level} % from the run {dense_candidates}." if dense_first else
+              f"; no ElasticDenser in {cfg.run}, so no dense first stage (--denser-run names one).")
+           + (f" Quality scored on {device}." if device != "cpu" else ""))
     (out / "rerank.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "rerank_labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     md = to_markdown(rows, labels, how)
@@ -319,10 +355,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="output directory (default: run_dir/eval)")
     ap.add_argument("--denser-run", type=Path, help="run directory of the ElasticDenser (elastic/, index/) whose "
                     "largest SubLM's top candidates are the 'dense' first stage (default: run_dir)")
+    ap.add_argument("--dense-candidates", help="the dense first stage as a run file instead of --denser-run (one that "
+                    "--save-dense-run wrote, e.g. for a machine without the ElasticDenser); needs --denser-level")
+    ap.add_argument("--denser-level", type=int, help="the ElasticDenser level (percent) that made --dense-candidates")
+    ap.add_argument("--save-dense-run", type=Path, help="only write the dense first stage of --denser-run (its largest "
+                    "SubLM's top --depth on --queries) to this TREC run file, and stop")
+    ap.add_argument("--device", default="cpu", help="where the cross-encoders score for quality: cpu or cuda "
+                    "(latency is always timed on the CPU, one thread)")
     a = ap.parse_args()
     if a.depth is not None and a.depth < 1:
         raise SystemExit("--depth: must be >= 1")
-    run(load_config(a.config), a.queries, a.qrels, a.candidates, a.collection, a.depth, a.out, a.denser_run)
+    cfg = load_config(a.config)
+    if a.save_dense_run is not None:
+        source = denser_source(cfg, a.denser_run)
+        if source is None:
+            raise SystemExit(f"--save-dense-run: no ElasticDenser in {cfg.run} (--denser-run names one)")
+        data = EvalData.load(cfg, a.queries or cfg.data.dev_queries, a.qrels or cfg.data.qrels,
+                             a.collection or cfg.data.collection)
+        ranked, level = dense_first_stage(cfg, data, source, a.depth or cfg.ranker.eval_depth)
+        write_trec_run(ranked, a.save_dense_run, f"elasticdenser-{level}")
+        print(f"[rerank] wrote {a.save_dense_run}: ElasticDenser {level} % top {a.depth or cfg.ranker.eval_depth} "
+              f"from {source}", flush=True)
+        return
+    run(cfg, a.queries, a.qrels, a.candidates, a.collection, a.depth, a.out, a.denser_run, a.dense_candidates,
+        a.denser_level, a.device)
 
 
 if __name__ == "__main__":

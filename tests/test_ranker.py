@@ -226,6 +226,44 @@ def test_rerank_benchmark_rows_and_pseudo_label_check(ranker_cfg, tmp_path):
         run(ranker_cfg, None, None, str(bad), None, None, tmp_path)
 
 
+def test_a_dense_first_stage_given_as_a_run_file_is_reranked_as_its_own_stage(ranker_cfg, tmp_path):
+    """--dense-candidates: the "dense" first stage read from a TREC run (e.g. one that
+    --save-dense-run wrote where the ElasticDenser lives), tagged with --denser-level."""
+    from benchmarks.rerank import run, write_trec_run
+    from training.ranker_teacher import train_teacher
+
+    train_teacher(ranker_cfg)
+    bm25 = read_run(ranker_cfg.data.candidates)
+    depth = ranker_cfg.ranker.eval_depth
+    reverse = {q: pids[:depth][::-1] for q, pids in bm25.items()}  # BM25's top 5, the judged passage last
+    f = tmp_path / "dense.trec"
+    write_trec_run(reverse, f, "elasticdenser-50")
+    assert read_run(f) == reverse
+    rows = run(ranker_cfg, None, None, None, None, None, tmp_path, dense_candidates=str(f), denser_level=50)
+    dense = [r for r in rows if r["first_stage"] == "dense"]
+    assert [r["system"] for r in dense] == ["dense-teacher", "ranker-teacher"]
+    assert all(r["denser_level"] == 50 for r in dense)
+    by = {(r["system"], r["first_stage"]): r["mrr_at_10"] for r in rows}
+    # the same candidate sets in another order: a reranker scores them alike
+    assert by[("ranker-teacher", "dense")] == by[("ranker-teacher", "bm25")]
+    assert "ElasticDenser at 50 % from the run" in (tmp_path / "rerank.md").read_text()
+    with pytest.raises(ValueError, match="--dense-candidates and --denser-level go together"):
+        run(ranker_cfg, None, None, None, None, None, tmp_path, dense_candidates=str(f))
+    with pytest.raises(ValueError, match="give one dense first stage, not both"):
+        run(ranker_cfg, None, None, None, None, None, tmp_path, tmp_path, str(f), 50)
+
+
+def test_a_query_longer_than_the_pair_is_cut_rather_than_refused(hf_cross_encoder):
+    """Training queries (NQ, TriviaQA) can outrun max_length on their own: the longer side of
+    the pair is cut, and a short query's passage is cut as before."""
+    model = CrossEncoder(hf_cross_encoder[0], max_length=16)
+    long_query = " ".join(["word"] * 40)
+    enc = model.pairs([long_query, "short query"], ["a short passage", " ".join(["passage"] * 40)])
+    assert enc["input_ids"].shape == (2, 16)
+    types = enc["token_type_ids"][1]
+    assert int((types == 0).sum()) == len(model.tokenizer("short query")["input_ids"])  # the query kept whole
+
+
 # ElasticRanker: LCE expressive scores, elastic distillation + LCE, static baselines (training/ranker.py)
 
 

@@ -154,9 +154,9 @@ def train_elastic(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if "rng" in ck:  # dropout masks go on as an uninterrupted run's would (older checkpoints lack it)
-            torch.set_rng_state(ck["rng"])
+            torch.set_rng_state(ck["rng"].cpu())  # loaded onto the device with the rest
             if device.type == "cuda" and "cuda_rng" in ck:
-                torch.cuda.set_rng_state(ck["cuda_rng"], device)
+                torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         start, records = ck["step"], ck["records"]
         print(f"[{desc}] resuming from {ckpt_path} at step {start}/{lc.steps}", flush=True)
 
