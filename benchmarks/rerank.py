@@ -193,7 +193,8 @@ def denser_source(cfg: RecipeConfig, denser_run: Path | None = None) -> Path | N
     return None
 
 
-def dense_first_stage(cfg: RecipeConfig, data: EvalData, denser_run: Path, depth: int) -> tuple[dict[str, list[str]], int]:
+def dense_first_stage(cfg: RecipeConfig, data: EvalData, denser_run: Path,
+                      depth: int) -> tuple[dict[str, list[str]], int]:
     """({qid: [pid, ...]} best first, level): the largest SubLM of ``denser_run``'s ElasticDenser
     searched in its served index (run_dir/index, as the handler searches it), top ``depth``,
     passages outside the collection dropped."""
@@ -328,9 +329,10 @@ def run(cfg: RecipeConfig, queries: str | None, qrels: str | None, candidates: s
     rows, labels = evaluate(cfg, data, first, depth, source, dense_first, torch.device(device))
     out = out or cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, collection "
-           f"{colfile} ({len(data.pids):,} passages); each first stage's top {depth} reranked; latency: median of 10, one "
-           f"query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all. First stages: BM25 (the run above)"
+    how = (f"`python -m benchmarks.rerank` on {qfile} ({len(data.qrels)} judged queries), candidates {cfile}, "
+           f"collection {colfile} ({len(data.pids):,} passages); each first stage's top {depth} reranked; latency: "
+           f"median of 10, one query's {depth} pairs in one batch, 1 thread; {time.time() - t0:.0f} s in all. First "
+           f"stages: BM25 (the run above)"
            + (f" and ElasticDenser's largest SubLM from {source} (its served index)." if source else
               f" and ElasticDenser at {denser_level} % from the run {dense_candidates}." if dense_first else
               f"; no ElasticDenser in {cfg.run}, so no dense first stage (--denser-run names one).")

@@ -135,8 +135,9 @@ class HandlerSettings:
         max_passages: rerank: most passages in one request. t_k is calibrated at this many
             pairs per request, so that the schedule's prediction bounds every request; a longer
             list is refused with 400 naming the limit.
-        pair_max_length: rerank: tokens per (query, passage) pair, the longer side cut first (elastic.ranker.PAIR_TRUNCATION)
-            (the recipe's ranker.max_length); an answer counts the pairs that were cut.
+        pair_max_length: rerank: tokens per (query, passage) pair, the longer side cut first
+            (elastic.ranker.PAIR_TRUNCATION; the recipe's ranker.max_length); an answer counts the
+            pairs that were cut.
         torch_threads: intra-op threads of this worker.
         calibration_cache: reuse the t_k calibration stored in the model directory for the same
             model files, machine, torch version, thread count, levels and batch sizes
