@@ -30,7 +30,7 @@ from benchmarks.evaluate import EvalData
 from benchmarks.rerank import quality
 from elastic.encoder import ElasticEncoder
 from elastic.pipeline import PipelineConfig, frontier, merge_reranked
-from elastic.ranker import PAIR_TRUNCATION, CrossEncoder
+from elastic.ranker import CrossEncoder
 from elastic.structure import gflops
 from training.config import RecipeConfig, load_config
 
@@ -81,7 +81,7 @@ def measure(cfg: RecipeConfig, data: EvalData, denser_run: Path, depths: list[in
                      "gflops_per_query": round(enc[d], 4)})
     kmax = max(depths)
     pairs = sorted({(q, p) for d in denser.levels for q in qids for p in lists[d][q][:kmax]})
-    ids = ranker.tokenizer([queries[q] for q, _ in pairs], [texts[p] for _, p in pairs], truncation=PAIR_TRUNCATION,
+    ids = ranker.tokenizer([queries[q] for q, _ in pairs], [texts[p] for _, p in pairs], truncation=ranker.TRUNCATION,
                            max_length=ranker.task.max_length)["input_ids"]
     pair_tokens = round(sum(map(len, ids)) / len(ids))
     for r in ranker_levels:

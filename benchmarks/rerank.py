@@ -41,7 +41,7 @@ from benchmarks.evaluate import EvalData, passage_embeddings
 from elastic.data import read_run
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import retrieval_metrics
-from elastic.ranker import PAIR_TRUNCATION, CrossEncoder, reciprocal_rank_fusion
+from elastic.ranker import CrossEncoder, reciprocal_rank_fusion
 from elastic.structure import gflops
 from training.config import RecipeConfig, load_config, teacher_path
 from training.negatives import bm25_index, bm25_search
@@ -117,7 +117,7 @@ def pair_tokens(model: CrossEncoder, queries: dict[str, str], texts: dict[str, s
     """Mean tokenized length of the reranked pairs (what GFLOPs per pair is computed at)."""
     qs = [queries[q] for q in cands for _ in cands[q]]
     ps = [texts[p] for q in cands for p in cands[q]]
-    ids = model.tokenizer(qs, ps, truncation=PAIR_TRUNCATION, max_length=model.task.max_length)["input_ids"]
+    ids = model.tokenizer(qs, ps, truncation=model.TRUNCATION, max_length=model.task.max_length)["input_ids"]
     return round(sum(map(len, ids)) / len(ids))
 
 
@@ -127,11 +127,12 @@ def cross_rows(cfg: RecipeConfig, model: CrossEncoder, system: str, first_stage:
     latency always on the CPU (one thread), where the served model runs."""
     tokens = pair_tokens(model, queries, texts, cands)
     sample_q = next(iter(cands))
+    model.model.to(device)
+    scored = {level: rerank_cross(model, level, queries, texts, cands, cfg.ranker.eval_batch_size)
+              for level in model.levels}
+    model.model.to("cpu")
     rows = []
-    for level in model.levels:
-        model.model.to(device)
-        scores = rerank_cross(model, level, queries, texts, cands, cfg.ranker.eval_batch_size)
-        model.model.to("cpu")
+    for level, scores in scored.items():
         q = quality(qrels, reorder(cands, scores))
         lat = median_ms(lambda: model.score([queries[sample_q]] * len(cands[sample_q]),
                                             [texts[p] for p in cands[sample_q]], level, depth), 10)

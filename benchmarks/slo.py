@@ -406,8 +406,8 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
 
 def prepare_store(cfg: RecipeConfig, name: str) -> tuple[Path, Path, Path]:
     """(work, store, base): run_dir/<name> as the work folder (``name`` absolute: itself), its
-    model store with the recipe's model as a no-archive directory ``base`` (variants are hard-linked copies, model_variant)
-    and the no-op model, both with the recipe's batching."""
+    model store with the recipe's model as a no-archive directory ``base`` (variants are
+    hard-linked copies, model_variant) and the no-op model, both with the recipe's batching."""
     work = (cfg.run / name).resolve()
     store = work / "store"
     base = build_model(cfg, store, "no-archive")

@@ -113,9 +113,9 @@ class ElasticEncoder:
         """(B, T, d) last hidden states of a tokenized batch by the SubLM at ``level`` (grad
         follows torch's grad mode). ``gates``: head_gates / neuron_gates of ElasticBert.forward,
         for expressive scores only."""
-        if self.packed is not None and not gates:
-            self.sublm(level)  # a level the submap does not hold: its error
-            return self.packed[level](batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        packed = self.packed.get(level) if self.packed is not None and not gates else None
+        if packed is not None:  # a level the submap lacks goes on to sublm()'s error
+            return packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                           sublm=self.sublm(level), **gates)
 

@@ -30,12 +30,6 @@ from elastic.glue import GlueTask
 RERANK = GlueTask("rerank", "query", "passage", "score", None, ("score",), "mrr_at_10", 160)
 
 
-PAIR_TRUNCATION = "longest_first"
-"""How a (query, passage) pair is cut to max_length tokens, offline and served alike: the longer
-side first, so mostly the passage; a query longer than the pair on its own (NQ and TriviaQA
-training questions can be) is cut too rather than refused, as "only_second" would."""
-
-
 class CrossEncoder(GlueModel):
     """Tokenizer + elastic cross-encoder + Submap of one model directory.
 
@@ -52,6 +46,11 @@ class CrossEncoder(GlueModel):
             directory and both numbers), weights that do not fit submap.json, or max_length <= 8.
     """
 
+    TRUNCATION = "longest_first"
+    """How a (query, passage) pair is cut to max_length tokens, offline and served alike: the
+    longer side first, so mostly the passage; a query longer than the pair on its own (NQ and
+    TriviaQA training questions can be) is cut too rather than refused, as "only_second" would."""
+
     def __init__(self, model_dir: str | Path, max_length: int = RERANK.max_length, dropout: float = 0.1,
                  seed: int = 0):
         if max_length <= 8:
@@ -60,8 +59,8 @@ class CrossEncoder(GlueModel):
 
     def pairs(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
         """(B, T) padded input_ids, attention_mask and token_type_ids of the pairs
-        (queries[i], passages[i]), truncated to max_length from the passage's end."""
-        enc = self.tokenizer(list(queries), list(passages), truncation=PAIR_TRUNCATION,
+        (queries[i], passages[i]), cut to max_length as ``TRUNCATION`` says."""
+        enc = self.tokenizer(list(queries), list(passages), truncation=self.TRUNCATION,
                              max_length=self.task.max_length, padding=True, return_tensors="pt")
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 

@@ -136,7 +136,7 @@ class HandlerSettings:
             pairs per request, so that the schedule's prediction bounds every request; a longer
             list is refused with 400 naming the limit.
         pair_max_length: rerank: tokens per (query, passage) pair, the longer side cut first
-            (elastic.ranker.PAIR_TRUNCATION; the recipe's ranker.max_length); an answer counts the
+            (CrossEncoder.TRUNCATION; the recipe's ranker.max_length); an answer counts the
             pairs that were cut.
         torch_threads: intra-op threads of this worker.
         calibration_cache: reuse the t_k calibration stored in the model directory for the same
@@ -1176,12 +1176,11 @@ class ElasticRankerServer(ElasticServer):
 
     def __init__(self, model_dir: str | Path, settings: HandlerSettings, max_batch: int = 1, queue=None,
                  max_batch_delay_ms: float = 0.0):
-        from elastic.ranker import PAIR_TRUNCATION, CrossEncoder
+        from elastic.ranker import CrossEncoder
 
         super().__init__(settings, max_batch, queue, max_batch_delay_ms)
         d = Path(model_dir)
         self.model = CrossEncoder(d, settings.pair_max_length)
-        self.truncation = PAIR_TRUNCATION  # as offline scoring cuts a pair
         self._ready(d)
 
     @property
@@ -1199,7 +1198,7 @@ class ElasticRankerServer(ElasticServer):
             enc = self.model.tokenizer([query] * len(texts), texts, truncation=False)
             cut = sum(len(ids) > self.settings.pair_max_length for ids in enc["input_ids"])
             if cut:
-                enc = self.model.tokenizer([query] * len(texts), texts, truncation=self.truncation,
+                enc = self.model.tokenizer([query] * len(texts), texts, truncation=self.model.TRUNCATION,
                                            max_length=self.settings.pair_max_length)
             keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
             out[i] = ([{k: enc[k][j] for k in keys} for j in range(len(texts))], pids, cut)

@@ -252,7 +252,7 @@ class RankerConfig:
                       "user's ms-marco-MiniLM-L-6-v2) used as the ranker's teacher; empty = train one here from "
                       "prune.teacher with LCE")
     max_length: int = _f(160, "tokens per (query, passage) pair, the longer side cut first "
-                         "(elastic.ranker.PAIR_TRUNCATION)")
+                         "(elastic.ranker.CrossEncoder.TRUNCATION)")
     train_queries: int = _f(2400, "training queries (a seeded sample of data.train_queries) the teacher learns from")
     depth: int = _f(30, "passages taken from each retriever (BM25, the dense teacher) per training query")
     rrf_k: float = _f(60.0, "the constant of reciprocal rank fusion (Cormack et al. 2009: 60)")
