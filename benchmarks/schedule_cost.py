@@ -19,9 +19,9 @@ import statistics
 import time
 from collections import deque
 
-from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, estimate_age_ms, level_corrections,
-                             parse_request_start, plan_batch)
-from elastic.service import HandlerSettings
+from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, SpareFeedback, estimate_age_ms,
+                             level_corrections, parse_request_start, plan_batch)
+from elastic.service import ElasticServer, HandlerSettings
 
 
 HANDLER_DEFAULTS = HandlerSettings(latency_constraint_ms=50.0)  # the shipped settings (min_spare, ...)
@@ -52,6 +52,9 @@ def main() -> None:
     n_window = int(HANDLER_DEFAULTS.rate_window_s / step)
     for i in range(n_window):
         arrivals.observe(i * step, a.batch)
+    sigma0 = HANDLER_DEFAULTS.min_spare
+    spare = SpareFeedback(sigma0, low=min(ElasticServer.SPARE_LOW, sigma0), high=sigma0,
+                          miss_budget=HANDLER_DEFAULTS.miss_budget)  # as the serving core builds it
     times = []
     for i in range(a.repeats):
         now = time.time()
@@ -63,13 +66,14 @@ def main() -> None:
         rate = arrivals.rate(clock, a.batch)
         c, cm = level_corrections(corr, per_level, cal, 20, large if a.batch >= 2 else None)
         plan = plan_batch(ages, 6, 50.0, cal, a.batch, 4.0, c, arrival_rate_rps=rate, mean_correction=cm,
-                          min_spare=HANDLER_DEFAULTS.min_spare, return_share=HANDLER_DEFAULTS.return_share,
+                          min_spare=spare.sigma, return_share=HANDLER_DEFAULTS.return_share,
                           spare_from=HANDLER_DEFAULTS.spare_from)
         corr.observe(cal.t(plan.level, a.batch), 5.5, 0.0, a.batch)
         per_level[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         large[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))
         arrivals.observe(clock, a.batch)
+        spare.observe(clock, a.batch, i % 2, plan.spare_slack is not None and plan.spare_slack < sigma0)
         times.append((time.perf_counter() - t0) * 1e6)
     times.sort()
     print(f"schedule cost per batch of {a.batch} ({a.levels} levels, {len(sizes)} calibrated batch sizes): "

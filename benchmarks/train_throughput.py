@@ -1,14 +1,18 @@
 """Throughput of one query-distillation step (every SubLM forward + backward, AdamW) on this
-machine, against batch size and torch threads:
+machine, against batch size, torch threads and precision:
 
-    python -m benchmarks.train_throughput --config configs/full.yaml --batch-sizes 32 64 128 --threads 1 2
+    python -m benchmarks.train_throughput --config configs/full.yaml --batch-sizes 32 64 128 --threads 1 2 \
+        [--precisions fp32 bf16]
 
 The model is run_dir/pruned (run ``python -m training.prune`` first), the teacher side comes from
 its cache. Each setting runs ``--warmup`` untimed steps and then ``--steps`` timed ones on
 random training queries; prints and writes run_dir/eval/train_throughput.{json,md} with steps/s
 and queries/s (training queries through all K SubLMs per second). Also compares two ways of
 filling a batch: uniform sampling and the recipe's ``query_distill.length_window`` (queries of
-similar token length together, less padding).
+similar token length together, less padding). ``bf16`` runs each SubLM's forward and loss under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` (weights and optimizer stay fp32), for CPUs with
+bf16 matrix units (AMX, AVX512-BF16); where the CPU has none it is refused, since it would only
+measure emulation.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from training.teacher import teacher_side
 
 
 def measure(obj: QueryDistillObjective, model: torch.nn.Module, levels: list[int], batches: list[list[int]],
-            warmup: int) -> float:
-    """Median seconds of one optimizer step over ``batches`` (after ``warmup`` of them)."""
+            warmup: int, precision: str = "fp32") -> float:
+    """Median seconds of one optimizer step over ``batches`` (after ``warmup`` of them); ``precision``
+    "bf16" autocasts each SubLM's forward and loss (module docstring)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times = []
     for i, b in enumerate(batches):
@@ -38,7 +43,9 @@ def measure(obj: QueryDistillObjective, model: torch.nn.Module, levels: list[int
         opt.zero_grad(set_to_none=True)
         prep = obj.prepare(b)
         for level in levels:
-            (obj.loss(b, prep, level) / len(levels)).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = obj.loss(b, prep, level)
+            (loss / len(levels)).backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -50,9 +57,13 @@ def main() -> None:
     ap.add_argument("--config", default="configs/full.yaml")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                    help="bf16: autocast forward and loss (needs a CPU with bf16 matrix units)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     a = ap.parse_args()
+    if "bf16" in a.precisions and not torch.cpu._is_avx512_bf16_supported():
+        ap.error("--precisions bf16: this CPU has no bf16 matrix units (AVX512-BF16 / AMX); it would time emulation")
     cfg = load_config(a.config)
     side = teacher_side(cfg)
     top = teacher_candidates(side, cfg.query_distill.candidates, cfg.run / "teacher" / f"top{cfg.query_distill.candidates}.pt")
@@ -71,10 +82,12 @@ def main() -> None:
                 name = "uniform" if window == 0 else f"length window {window}"
                 sample = batch_sampler(tok_len, bs, window)
                 batches = [sample(random.Random(i)) for i in range(n)]
-                sec = measure(obj, student.model, student.levels, batches, a.warmup)
-                rows.append({"threads": threads, "batch_size": bs, "sampling": name, "step_s": round(sec, 3),
-                             "steps_per_s": round(1 / sec, 3), "queries_per_s": round(bs / sec, 1)})
-                print(rows[-1], flush=True)
+                for precision in a.precisions:
+                    sec = measure(obj, student.model, student.levels, batches, a.warmup, precision)
+                    rows.append({"threads": threads, "batch_size": bs, "sampling": name, "precision": precision,
+                                 "step_s": round(sec, 3), "steps_per_s": round(1 / sec, 3),
+                                 "queries_per_s": round(bs / sec, 1)})
+                    print(rows[-1], flush=True)
     out = cfg.run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(rows, indent=1) + "\n")

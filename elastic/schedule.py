@@ -153,6 +153,22 @@ level serves whatever was not shed.
    pairings of 9); near it, at 600 req/s, 0.1-1.5 points fewer in 6 pairings of 7, the price
    of spells it drains that would have cleared alone.
 
+5. σ is learned, not fixed (``SpareFeedback``; handler.spare_feedback, on by default). The
+   spare bound trades quality at moderate load for T near the last rung's capacity, and where
+   that trade lies depends on the machine: σ = 0.25 was set on a 2-core machine where t_50(1)
+   was 6.1 ms; on one where it was 4.6 ms (probes of 2026-11-24, 18:30-20:00, README "Under
+   load", "A spare bound that learns") the fixed 0.25 held the elastic server at a mean level
+   of 18-24 at 600 req/s, 0.445-0.455 effective MRR@10, while static 30 % kept 0.99-1.00 within
+   T for 0.465-0.473; σ = 0 matched static 30 % there (level 29.9, 0.4722) but missed 0.99 at
+   800 and 1000 req/s (0.987, 0.988), where the fixed 0.25 held 0.998-1.000. So the serving
+   core counts, per second, the requests that missed T (shed, or past T as the handler sees
+   it) and moves σ within [0.02, min_spare]: down by a fifth after a second that missed at
+   most a quarter of the budget (0.5 % of requests), up by 0.1 after one that missed more while
+   some batch of it served a level that the fixed σ would have kept out (``Plan.spare_slack``:
+   misses that the fixed σ would have had too are no reason to tighten), and not down again
+   past the σ that missed (plus 0.05) until that floor has faded. It is never more cautious
+   than the fixed σ.
+
 Everything here is pure: no TorchServe, no clock, no I/O. The serving core passes the ages, g,
 the calibration and c in, and gets a ``Plan`` back. Times are milliseconds.
 """
@@ -256,12 +272,16 @@ class Plan:
         limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate",
             "spare"), or those the smallest failed when none met them all; empty when the
             largest level serves. Counted by the server, so ops can see what holds the level down.
+        spare_slack: 1 - u_j of the chosen level's rung j (the largest σ at which the spare bound
+            would still have let this level in), or None where the bound did not apply (the
+            smallest level, a pinned level, no rate, σ = 0). ``SpareFeedback`` reads it.
     """
 
     level: int | None
     serve: tuple[bool, ...]
     predicted_ms: float
     limited_by: tuple[str, ...] = ()
+    spare_slack: float | None = None
 
 
 def expected_latency_ms(queue_size: int, t_now_ms: float, t_full_ms: float, max_batch: int) -> float:
@@ -400,7 +420,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
     oldest = max(a for a, s in zip(ages_ms, serve) if s)
 
     spare_on = rule == "deadline" and arrival_rate_rps > 0 and min_spare > 0
-    chosen, failed = smallest, ()
+    chosen, failed, chosen_slack = smallest, (), None
     for i, level in enumerate(levels):
         c, cm = c_of[level], cm_of[level]
         queue_ok = expected_latency_ms(queue_size, cm * cal.t(level, b) + o, cm * cal.t(level, max_batch) + o,
@@ -412,17 +432,18 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
             rate_ok = cycle is not None and 2 * cycle <= T
         # the spare bound: a level above the smallest needs its rung j (the next level down, or
         # the smallest) to fill at most 1 - σ of the worker's time at λ and full batches
-        level_spare_ok = True
+        level_spare_ok, slack = True, None
         if spare_on and level != smallest:
             rung = smallest if spare_from == "smallest" else levels[i + 1]
-            level_spare_ok = keeps_up(arrival_rate_rps, cm_of[rung] * cal.t(rung, max_batch) + o, max_batch,
-                                      1 - min_spare)
+            cycle_j = cm_of[rung] * cal.t(rung, max_batch) + o
+            level_spare_ok = keeps_up(arrival_rate_rps, cycle_j, max_batch, 1 - min_spare)
+            slack = 1 - arrival_rate_rps * cycle_j / (max_batch * 1000)  # 1 - u_j
         if queue_ok and own_ok and rate_ok and level_spare_ok:
-            chosen = level
+            chosen, chosen_slack = level, slack
             break
         failed = tuple(name for name, ok in (("deadline", own_ok), ("queue", queue_ok), ("rate", rate_ok),
                                              ("spare", level_spare_ok)) if not ok)
-    return Plan(chosen, tuple(serve), c_of[chosen] * cal.t(chosen, b), failed)
+    return Plan(chosen, tuple(serve), c_of[chosen] * cal.t(chosen, b), failed, chosen_slack)
 
 
 class StandingQueue:
@@ -450,6 +471,93 @@ class StandingQueue:
         if self.since is None:
             self.since = now_s
         return (now_s - self.since) * 1000
+
+
+class SpareFeedback:
+    """σ of the spare bound, learned from the requests that lately missed T (module docstring,
+    point 5): tightened at once after an interval that missed more than the budget, loosened a
+    little after each interval that missed none of it, and not again below the σ that last
+    missed until that memory has faded.
+
+    The serving core calls ``observe`` once per batch with the batch's start (seconds, any
+    monotonic clock), its requests (the bad ones left out) and how many of them missed T (shed,
+    or answered past T as the handler sees it). An interval closes once ``interval_s`` has passed
+    and it holds at least ``min_requests`` (a quiet spell's handful is no evidence); then, with
+    m = missed / requests of the interval and B = ``miss_budget``:
+
+        m > B, and a batch of the interval got its level only because σ < σ_high
+                    ->  floor = σ + margin;  σ = min(σ_high, σ + step_up)      (tighten)
+        m <= B / 4  ->  σ = max(σ_low, floor, σ · decay);  floor = floor · fade  (loosen)
+        otherwise   ->  σ unchanged
+
+    The floor is TCP's slow-start threshold in another guise (Jacobson 1988): a loosening that
+    ran into misses at σ is not repeated at once, or near the last rung's capacity, where every
+    loosening lets a larger level in that cannot keep up, the loop would spend the budget on
+    probing over and over (measured: README "Under load", "A spare bound that learns"). The floor
+    fades by ``fade`` per clean interval (0.97: half in 23 s), so a machine or a load that got
+    faster is found again.
+
+    σ starts at ``start`` (handler.min_spare). σ_low > 0 keeps the bound on (0 would switch it
+    off; schedule.plan_batch). Cost: O(1) per batch.
+
+    >>> f = SpareFeedback(0.25, low=0.02, high=0.5, miss_budget=0.01, interval_s=1.0, min_requests=10)
+    >>> [round(f.observe(t, 8, 0), 3) for t in (0.0, 1.0)]   # 16 requests in 1 s, none missed
+    [0.25, 0.2]
+    >>> [round(f.observe(t, 8, m), 3) for t, m in ((1.5, 2), (2.5, 0))]   # 2 of 16 missed
+    [0.2, 0.3]
+    >>> [round(f.observe(t, 16, 0), 4) for t in (3.5, 4.5)]   # clean: down to the floor (0.2 + 0.05), fading
+    [0.25, 0.2425]
+    """
+
+    def __init__(self, start: float, low: float = 0.02, high: float = 0.5, miss_budget: float = 0.005,
+                 interval_s: float = 1.0, min_requests: int = 50, step_up: float = 0.1, decay: float = 0.8,
+                 margin: float = 0.05, fade: float = 0.97):
+        if not 0 < low <= high < 1 or not low <= start <= high:
+            raise ValueError(f"SpareFeedback: need 0 < low <= start <= high < 1, got low={low}, start={start}, "
+                             f"high={high}")
+        if not 0 < miss_budget < 1 or not interval_s > 0 or min_requests < 1 or not step_up > 0 \
+                or not 0 < decay < 1 or not margin >= 0 or not 0 < fade <= 1:
+            raise ValueError(f"SpareFeedback: need miss_budget in (0, 1), interval_s > 0, min_requests >= 1, "
+                             f"step_up > 0, decay in (0, 1), margin >= 0, fade in (0, 1]; got {miss_budget}, "
+                             f"{interval_s}, {min_requests}, {step_up}, {decay}, {margin}, {fade}")
+        self.sigma, self.low, self.high = start, low, high
+        self.miss_budget, self.interval_s, self.min_requests = miss_budget, interval_s, min_requests
+        self.step_up, self.decay, self.margin, self.fade = step_up, decay, margin, fade
+        self.floor = 0.0  # σ + margin at the last interval that missed, fading
+        self._since: float | None = None  # start of the open interval
+        self._requests = self._missed = 0
+        self._loosened = False  # a batch of the open interval got its level only from a σ below high
+        self.tightened = self.loosened = 0  # intervals that moved σ up / down (ops read them in describe)
+
+    def observe(self, now_s: float, requests: int, missed: int, loosened: bool = True) -> float:
+        """Record a batch; returns σ for the batches that follow.
+
+        ``loosened``: this batch's level got in only because σ was below ``high`` (its spare
+        slack, ``Plan.spare_slack``, was under ``high``). An interval's misses tighten σ only if
+        one of its batches was such: misses that the fixed σ would have had as well (a burst at
+        a level that σ = ``high`` lets in too) are not the loosening's doing.
+        """
+        if requests < 0 or not 0 <= missed <= requests:
+            raise ValueError(f"SpareFeedback.observe: need 0 <= missed <= requests, got {missed}, {requests}")
+        if self._since is None:
+            self._since = now_s
+        self._requests += requests
+        self._missed += missed
+        self._loosened = self._loosened or loosened
+        if now_s - self._since >= self.interval_s and self._requests >= self.min_requests:
+            share = self._missed / self._requests
+            if share > self.miss_budget and not self._loosened:
+                pass  # over the budget, but at levels that σ = high lets in as well: σ holds
+            elif share > self.miss_budget:
+                self.floor = min(self.high, self.sigma + self.margin)
+                self.sigma = min(self.high, self.sigma + self.step_up)
+                self.tightened += 1
+            elif share <= self.miss_budget / 4:
+                self.sigma = max(self.low, self.floor, self.sigma * self.decay)
+                self.floor *= self.fade
+                self.loosened += 1
+            self._since, self._requests, self._missed, self._loosened = now_s, 0, 0, False  # the next one
+        return self.sigma
 
 
 class ArrivalRate:

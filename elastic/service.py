@@ -43,7 +43,7 @@ from elastic.encoder import ElasticEncoder
 from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
 from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
-                              StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
+                              SpareFeedback, StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
                               parse_request_start, plan_batch, youngest_age_ms)
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,22 @@ class HandlerSettings:
             With "smallest", 0.4 came from the earlier probe (slo_probes/min-spare/): the
             lowest within T rose from 0.972 to 0.988 at 300 req/s and from 0.951 to 0.988 at
             400 against 0 (off).
+        spare_feedback: learn σ online, within [0.02, min_spare], instead of holding it at
+            ``min_spare`` (elastic/schedule.py, ``SpareFeedback``): σ starts at min_spare, falls
+            by a fifth after each second that missed at most a quarter of ``miss_budget``, rises
+            by 0.1 (up to min_spare) after each second in which more than the budget missed T
+            (shed or late) and a batch served a level that min_spare would have kept out, and
+            then falls no lower than the σ that missed plus 0.05 until that floor has faded (3 %
+            a clean second). So the server is never more cautious than the
+            fixed σ, and gives back what the fixed σ holds in reserve where the machine and the
+            rate allow it. A fixed σ is right for one machine and rate only: on the 2-core
+            machine of the probes of 2026-11-24, 18:30-20:00 (twice as fast as the one σ = 0.25
+            was set on) a fixed 0.25 held the elastic server at a mean level of 18-22 at
+            600 req/s, where static 30 % kept 0.99-1.00 within T, and σ = 0 matched static 30 %
+            there but missed 0.99 at 800-1000 req/s (README "Under load", "A spare bound that
+            learns"). Ignored while min_spare is 0.
+        miss_budget: the share of requests per second that may miss T before the feedback
+            tightens σ, in (0, 0.5); 0.005, half of the 1 % that within_T >= 0.99 allows.
         spare_from: the rung whose spare the spare bound tests for a SubLM: "next" (the next
             level down, so the level steps down one rung at a time as the rate rises) or
             "smallest" (one test for every level above the smallest, the first form: at
@@ -171,6 +187,8 @@ class HandlerSettings:
     pin_level: Optional[int] = None
     max_utilization: float = 1.0
     min_spare: float = 0.25
+    spare_feedback: bool = True
+    miss_budget: float = 0.005
     spare_from: str = "next"
     rate_window_s: float = 2.0
     deadline_quantile: float = 0.98
@@ -245,6 +263,8 @@ class HandlerSettings:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
         if not 0 <= s.min_spare < 1:
             raise ValueError(f"handler.min_spare: must be in [0, 1), got {s.min_spare}")
+        if not 0 < s.miss_budget < 0.5:
+            raise ValueError(f"handler.miss_budget: must be in (0, 0.5), got {s.miss_budget}")
         if s.spare_from not in SPARE_RUNGS:
             raise ValueError(f"handler.spare_from: expected one of {list(SPARE_RUNGS)}, got {s.spare_from!r}")
         if not (s.rate_window_s > 0 and math.isfinite(s.rate_window_s)):
@@ -496,6 +516,7 @@ class ElasticServer:
     LEVELS_FROM = "submap.json"  # where the levels come from, for the pin_level error
     HISTORY = 32  # recent batches kept for the age estimate
     RATE_MIN_SPAN_S = 0.25  # λ over at least this span (schedule.ArrivalRate)
+    SPARE_LOW = 0.02  # the least σ that handler.spare_feedback lowers σ to (schedule.SpareFeedback)
 
     def __init__(self, settings: HandlerSettings, max_batch: int = 1, queue=None, max_batch_delay_ms: float = 0.0):
         self.settings = settings
@@ -550,6 +571,13 @@ class ElasticServer:
         # batches held below the largest level, by the bound that held them ("standing": drained)
         self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0, "standing": 0}
         self.standing = StandingQueue()  # how long the frontend's queue has stood (schedule.py, point 4)
+        # σ of the spare bound, learned from the requests that missed T (schedule.py, point 5)
+        self.spare = None
+        if s.spare_feedback and s.min_spare > 0:
+            # σ never rises above the configured min_spare: the feedback only gives back what a
+            # fixed σ holds in reserve, and after misses it returns to that σ
+            self.spare = SpareFeedback(s.min_spare, low=min(self.SPARE_LOW, s.min_spare), high=s.min_spare,
+                                       miss_budget=s.miss_budget)
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
         self._last_end: float | None = None  # perf_counter seconds
         self._last_waiting = False
@@ -774,7 +802,8 @@ class ElasticServer:
                                              s.standing_target * s.latency_constraint_ms)
             plan = plan_batch([a + spent for a in ages], g, s.latency_constraint_ms, self.calibration,
                               self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
-                              self.arrivals.rate(start, n), s.max_utilization, cm, s.min_spare, s.return_share,
+                              self.arrivals.rate(start, n), s.max_utilization, cm,
+                              self.spare.sigma if self.spare else s.min_spare, s.return_share,
                               s.spare_from, standing, s.standing_interval_ms)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             for name in plan.limited_by:
@@ -810,6 +839,9 @@ class ElasticServer:
                 level, served = plan.level, len(keep)
                 done_ms = (time.perf_counter() - start) * 1000  # each answer's age when it leaves: its age + this
                 past_T = sum(ages[k] + done_ms > s.latency_constraint_ms for k in keep)
+            if self.spare is not None:  # did this batch's level get in only through a σ below min_spare?
+                loosened = plan.spare_slack is not None and plan.spare_slack < s.min_spare
+                self.spare.observe(start, len(items), shed + past_T, loosened)
         self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms)
         self.counters["batches"] += 1
         self.history.append((start, g, n))
@@ -845,6 +877,8 @@ class ElasticServer:
                                         for k, lc in self.large_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
+            "spare_feedback": ({"sigma": round(self.spare.sigma, 4), "tightened": self.spare.tightened,
+                                "loosened": self.spare.loosened} if self.spare else None),
             "spare_from": self.settings.spare_from,
             "rate_window_s": self.settings.rate_window_s,
             "arrival_rate_rps": round(self.arrivals.rate(time.perf_counter(), 0), 1),  # λ now, req/s

@@ -450,3 +450,97 @@ def test_arrival_rate_forgets_a_rush_that_left_its_window():
 def test_arrival_rate_rejects_bad_windows(window_s, min_span_s):
     with pytest.raises(ValueError, match=r"ArrivalRate: window_s must be > 0 and min_span_s in \(0, window_s\]"):
         ArrivalRate(window_s, min_span_s)
+
+
+def test_spare_feedback_tightens_after_a_missed_interval_and_loosens_after_clean_ones():
+    from elastic.schedule import SpareFeedback
+
+    f = SpareFeedback(0.25, low=0.02, high=0.5, miss_budget=0.005, interval_s=1.0, min_requests=50)
+    # an interval closes after 1 s holding >= 50 requests: 10 batches of 8 over 1 s, none missed
+    for i in range(11):
+        f.observe(i / 10, 8, 0)
+    t = 2.0
+    assert f.sigma == pytest.approx(0.2) and f.loosened == 1
+    # clean seconds shrink σ by a fifth each, down to the floor and never below (0 would switch the bound off)
+    for _ in range(40):
+        f.observe(t, 100, 0)
+        t += 1.0
+    assert f.sigma == pytest.approx(0.02)
+    # one second over the budget (1 of 100 > 0.5 %) tightens at once by 0.1, and remembers σ + 0.05 as a floor
+    f.observe(t, 100, 1)
+    t += 1.0
+    assert f.sigma == pytest.approx(0.12) and f.floor == pytest.approx(0.07) and f.tightened == 1
+    # loosening stops at the floor, which fades by 3 % a clean second, so σ comes back down slowly
+    f.observe(t, 100, 0)
+    t += 1.0
+    assert f.sigma == pytest.approx(0.096)
+    f.observe(t, 100, 0)
+    t += 1.0
+    assert f.sigma == pytest.approx(0.0768)
+    f.observe(t, 100, 0)
+    t += 1.0
+    assert f.sigma == pytest.approx(0.07 * 0.97 ** 2)
+    for _ in range(100):
+        f.observe(t, 100, 0)
+        t += 1.0
+    assert f.sigma == pytest.approx(0.02)
+    # misses second after second: up to the ceiling and no further
+    for _ in range(20):
+        f.observe(t, 100, 10)
+        t += 1.0
+    assert f.sigma == pytest.approx(0.5) and f.floor == pytest.approx(0.5)
+    # within the budget but over a quarter of it: σ holds
+    f.observe(t, 1000, 3)
+    t += 1.0
+    assert f.sigma == pytest.approx(0.5)
+    # a quiet spell's handful is no evidence: the interval stays open until it holds min_requests
+    g = SpareFeedback(0.25, interval_s=1.0, min_requests=50)
+    for i in range(10):
+        g.observe(i * 1.0, 2, 2)
+    assert g.sigma == 0.25 and g.tightened == 0
+    g.observe(30.0, 40, 0)  # 60 requests, 20 missed
+    assert g.sigma == pytest.approx(0.35)
+
+
+def test_spare_feedback_rejects_bad_arguments():
+    from elastic.schedule import SpareFeedback
+
+    with pytest.raises(ValueError, match=r"need 0 < low <= start <= high < 1, got low=0.02, start=0.6, high=0.5"):
+        SpareFeedback(0.6)
+    with pytest.raises(ValueError, match=r"need 0 < low <= start <= high < 1, got low=0, start=0.25"):
+        SpareFeedback(0.25, low=0)
+    with pytest.raises(ValueError, match=r"need miss_budget in \(0, 1\)"):
+        SpareFeedback(0.25, miss_budget=0)
+    with pytest.raises(ValueError, match=r"need 0 <= missed <= requests, got 5, 4"):
+        SpareFeedback(0.25).observe(0.0, 4, 5)
+
+
+def test_only_misses_after_a_loosened_level_tighten_sigma():
+    from elastic.schedule import SpareFeedback
+
+    f = SpareFeedback(0.25, interval_s=1.0, min_requests=10)
+    f.sigma = 0.05
+    f.observe(0.0, 100, 0, loosened=False)
+    f.observe(1.0, 100, 50, loosened=False)  # a burst at levels that σ = 0.25 lets in too: not σ's doing
+    assert f.sigma == 0.05 and f.tightened == 0 and f.floor == 0.0
+    f.observe(1.5, 100, 50, loosened=False)
+    f.observe(2.0, 100, 0, loosened=True)  # one batch of the interval needed the loosened σ: its misses count
+    assert f.sigma == pytest.approx(0.15) and f.floor == pytest.approx(0.1) and f.tightened == 1
+
+
+def test_plan_reports_the_spare_slack_of_the_chosen_level():
+    # as in test_spare_bound_from_the_next_level...: u_j = rate * cost_j / 1000 at full batches, o = 2
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 10: (2.5, 8.0), 5: (2.0, 6.0)})
+
+    def plan(rate, sigma=0.4, **kw):
+        return plan_batch([0.0], 0, 100.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, min_spare=sigma, **kw)
+
+    p = plan(400)  # 50 % serves; its rung, 20 %, fills 400 * 1.5 / 1000 = 0.6
+    assert p.level == 50 and p.spare_slack == pytest.approx(0.4)
+    p = plan(481)  # 20 % is out (10 % would fill 0.601 > 0.6); 10 % serves, its rung 5 % fills 0.481
+    assert p.level == 10 and p.spare_slack == pytest.approx(1 - 0.481)
+    assert plan(481, sigma=0.3).level == 20  # a smaller σ lets 20 % in: slack 1 - 0.601
+    assert plan(481, sigma=0.3).spare_slack == pytest.approx(1 - 481 * 1.25 / 1000)
+    assert plan(700).level == 5 and plan(700).spare_slack is None  # the smallest has no rung below
+    assert plan(400, sigma=0.0).spare_slack is None  # the bound is off
+    assert plan(400, pin_level=20).spare_slack is None  # a pinned level is never above the smallest of its list

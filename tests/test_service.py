@@ -62,6 +62,8 @@ def test_settings_validation_names_the_field():
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
     ("min_spare", 1, r"handler.min_spare: must be in \[0, 1\), got 1.0"),
     ("spare_from", "largest", r"handler.spare_from: expected one of \['next', 'smallest'\], got 'largest'"),
+    ("miss_budget", 0, r"handler.miss_budget: must be in \(0, 0.5\), got 0.0"),
+    ("spare_feedback", "maybe", r"handler.spare_feedback: expected bool, got 'maybe'"),
     ("max_utilization", 0, r"handler.max_utilization: must be in \(0, 1\], got 0.0"),
     ("return_share", 3, r"handler.return_share: must be in \[0, 2\], got 3.0"),
     ("standing_target", 0, r"handler.standing_target: must be in \(0, 1\], got 0.0"),
@@ -588,3 +590,42 @@ def test_a_restarted_worker_reuses_the_stored_calibration_and_re_measures_it_whe
     assert ElasticRetriever(model, off, max_batch=2).calibration_source == "measured"
     with pytest.raises(ValueError, match="handler.calibration_cache: expected bool, got 'maybe'"):
         HandlerSettings.from_yaml({"latency_constraint_ms": 50, "calibration_cache": "maybe"}, environ={})
+
+
+def test_shed_and_late_requests_tighten_the_spare_bound(tiny_elastic, monkeypatch):
+    """handler.spare_feedback: the service feeds each batch's missed requests (shed, or past T) to
+    schedule.SpareFeedback, with whether the batch's level got in only through a σ below
+    min_spare (Plan.spare_slack), and plans with its σ; with min_spare 0 or the feedback off σ stays put."""
+    import dataclasses
+    import inspect
+
+    import elastic.service as service
+
+    s = HandlerSettings(latency_constraint_ms=50.0, query_max_length=16, calibration_repeats=3)
+    r = ElasticRetriever(tiny_elastic, s, max_batch=4, queue=FixedQueue(0))
+    assert r.describe()["spare_feedback"] == {"sigma": 0.25, "tightened": 0, "loosened": 0}
+    r.spare.interval_s, r.spare.min_requests = 0.0, 1  # judge every batch
+    r.spare.sigma = 0.1  # loosened earlier
+    # misses at a level that σ = min_spare lets in as well (here: no rate known yet, no spare test): σ holds
+    out = r.handle_batch([{"query": "late"}] * 4, [now_header(age_ms=60_000 - 1)] * 4)  # past T on arrival: shed
+    assert [o.status for o in out] == [503] * 4 and r.spare.sigma == pytest.approx(0.1)
+    # the same misses where the batch's level needed a σ below min_spare (slack 0.2 < 0.25): tightened, + 0.1
+    real = service.plan_batch
+    seen = []
+
+    def loosened_plan(*args, **kw):
+        plan = real(*args, **kw)
+        seen.append(inspect.signature(real).bind(*args, **kw).arguments["min_spare"])  # the σ planned with
+        return dataclasses.replace(plan, spare_slack=0.2)
+
+    monkeypatch.setattr(service, "plan_batch", loosened_plan)
+    out = r.handle_batch([{"query": "late"}] * 4, [now_header(age_ms=60_000 - 1)] * 4)
+    assert [o.status for o in out] == [503] * 4 and seen == [pytest.approx(0.1)]
+    assert r.spare.sigma == pytest.approx(0.2) and r.describe()["spare_feedback"]["tightened"] == 1
+    out = r.handle_batch([{"query": "fresh"}] * 4, [now_header()] * 4)
+    assert [o.status for o in out] == [200] * 4 and r.spare.sigma == pytest.approx(0.16)  # clean: a fifth less
+    for settings in ({"spare_feedback": False}, {"min_spare": 0.0}):
+        off = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=50.0, query_max_length=16,
+                                                             calibration_repeats=3, **settings),
+                               max_batch=4, queue=FixedQueue(0))
+        assert off.spare is None and off.describe()["spare_feedback"] is None
