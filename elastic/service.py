@@ -91,14 +91,14 @@ class HandlerSettings:
             by 0.1 (up to min_spare) after each second in which more than the budget missed T
             (shed or late) and a batch served a level that min_spare would have kept out, and
             then falls no lower than the σ that missed plus 0.05 until that floor has faded (3 %
-            a clean second). So the server is never more cautious than the
-            fixed σ, and gives back what the fixed σ holds in reserve where the machine and the
-            rate allow it. A fixed σ is right for one machine and rate only: on the 2-core
-            machine of the probes of 2026-11-24, 18:30-20:00 (twice as fast as the one σ = 0.25
-            was set on) a fixed 0.25 held the elastic server at a mean level of 18-22 at
-            600 req/s, where static 30 % kept 0.99-1.00 within T, and σ = 0 matched static 30 %
-            there but missed 0.99 at 800-1000 req/s (README "Under load", "A spare bound that
-            learns"). Ignored while min_spare is 0.
+            a clean second). So the server is never more cautious than the fixed σ, and gives
+            back what the fixed σ holds in reserve where the machine and the rate allow it. A
+            fixed σ is right for one machine and rate only: on the 2-core machine of the probes
+            of 2026-11-24, 18:30-20:10 (twice as fast as the one σ = 0.25 was set on) a fixed
+            0.25 held the elastic server at a mean level of 17-22 at 600 req/s, where static
+            30 % kept 0.99-1.00 within T, and σ = 0 matched static 30 % there but missed 0.99 at
+            800-1000 req/s (README "Under load", "A spare bound that learns"). Ignored while
+            min_spare is 0.
         miss_budget: the share of requests per second that may miss T before the feedback
             tightens σ, in (0, 0.5); 0.005, half of the 1 % that within_T >= 0.99 allows.
         spare_from: the rung whose spare the spare bound tests for a SubLM: "next" (the next
