@@ -20,6 +20,7 @@ The metrics (ModelName is TorchServe's model name, PreservingLevel the SubLM's l
 | ElasticMeasuredBatchMs | counter | ModelName, PreservingLevel | sum of their measured model time (ms) |
 | ElasticQueueSize | gauge | ModelName | largest queue size g a batch saw in the last interval (0: none) |
 | ElasticLevel | gauge | ModelName | preserving level of the latest batch (percent) |
+| ElasticSpareSigma | gauge | ModelName | σ of the spare bound as learned (handler.spare_feedback), in percent |
 
 rate(ElasticMeasuredBatchMs) / rate(ElasticPredictedBatchMs) per level is the observed / predicted
 ratio the schedule corrects t_k by (c̄_k, elastic/schedule.py).
@@ -61,6 +62,7 @@ SPECS = {s.name: s for s in (
     MetricSpec("ElasticMeasuredBatchMs", "counter", "Milliseconds", (MODEL, LEVEL)),
     MetricSpec("ElasticQueueSize", "gauge", "Count", (MODEL,)),
     MetricSpec("ElasticLevel", "gauge", "Percent", (MODEL,)),
+    MetricSpec("ElasticSpareSigma", "gauge", "Percent", (MODEL,)),
 )}
 
 
@@ -138,6 +140,7 @@ class Telemetry:
         self._counts: dict[tuple[str, int | None], float] = {}
         self._max_g = 0
         self._level: int | None = None
+        self._sigma: float | None = None  # the spare bound's learned σ (None: not learned)
         self._first = True
 
     def _add(self, name: str, level: int | None, value: float) -> None:
@@ -160,13 +163,20 @@ class Telemetry:
                 self._add("ElasticPredictedBatchMs", level, predicted_ms)
                 self._add("ElasticMeasuredBatchMs", level, measured_ms)
 
+    def record_spare(self, sigma: float) -> None:
+        """The spare bound's σ after a batch (a share in [0, 1); exported in percent)."""
+        with self._lock:
+            self._sigma = float(sigma)
+
     def flush(self) -> list[tuple[str, int | None, float]]:
         """(metric name, preserving level or None, value) per update since the last flush:
         counter increments that are not zero (every counter series, zeros included, on the first
         flush, so that each exists from the start), the largest g since the last flush (0 when
-        no batch ran), and the latest level (once there is one). Resets the window."""
+        no batch ran), the latest level (once there is one) and the latest learned σ in percent
+        (once there is one). Resets the window."""
         with self._lock:
             counts, max_g, level, first = self._counts, self._max_g, self._level, self._first
+            sigma = self._sigma
             self._counts, self._max_g, self._first = {}, 0, False
         if first:
             for s in SPECS.values():
@@ -178,6 +188,8 @@ class Telemetry:
         out.append(("ElasticQueueSize", None, float(max_g)))
         if level is not None:
             out.append(("ElasticLevel", None, float(level)))
+        if sigma is not None:
+            out.append(("ElasticSpareSigma", None, round(100 * sigma, 2)))
         return out
 
 

@@ -624,6 +624,7 @@ def test_shed_and_late_requests_tighten_the_spare_bound(tiny_elastic, monkeypatc
     assert r.spare.sigma == pytest.approx(0.2) and r.describe()["spare_feedback"]["tightened"] == 1
     out = r.handle_batch([{"query": "fresh"}] * 4, [now_header()] * 4)
     assert [o.status for o in out] == [200] * 4 and r.spare.sigma == pytest.approx(0.16)  # clean: a fifth less
+    assert ("ElasticSpareSigma", None, 16.0) in r.telemetry.flush()  # exported as a gauge, in percent
     for settings in ({"spare_feedback": False}, {"min_spare": 0.0}):
         off = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=50.0, query_max_length=16,
                                                              calibration_repeats=3, **settings),

@@ -101,3 +101,13 @@ def test_handler_emits_elastic_metrics_through_torchserves_cache(tiny_elastic, t
     (model / "metrics.yaml").write_text(yaml.safe_dump({"model_metrics": {"gauge": [{"name": "ElasticLevel"}]}}))
     with pytest.raises(ValueError, match=r"metrics.yaml: model_metrics.gauge\[0\].unit: missing"):
         ElasticDenserHandler().initialize(MockContext(model, cfg))
+
+
+def test_the_learned_spare_sigma_is_a_gauge_in_percent_once_known():
+    t = Telemetry([50, 10])
+    assert not [u for u in t.flush() if u[0] == "ElasticSpareSigma"]  # a server that does not learn σ: no series
+    t.record_spare(0.2)
+    t.record_spare(0.16)
+    assert ("ElasticSpareSigma", None, 16.0) in t.flush()
+    assert ("ElasticSpareSigma", None, 16.0) in t.flush()  # a gauge keeps its last value between batches
+    assert SPECS["ElasticSpareSigma"].type == "gauge" and SPECS["ElasticSpareSigma"].unit == "Percent"
