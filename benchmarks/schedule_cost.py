@@ -73,7 +73,7 @@ def main() -> None:
         large[served].observe(cal.t(served, a.batch), 5.5, 0.0, a.batch)
         history.append((0.33, 6, a.batch))
         arrivals.observe(clock, a.batch)
-        spare.observe(clock, a.batch, i % 2, plan.spare_slack is not None and plan.spare_slack < sigma0)
+        spare.observe(clock, a.batch, i % 2, spare.loosened_by(plan.spare_slack))
         times.append((time.perf_counter() - t0) * 1e6)
     times.sort()
     print(f"schedule cost per batch of {a.batch} ({a.levels} levels, {len(sizes)} calibrated batch sizes): "

@@ -529,6 +529,11 @@ class SpareFeedback:
         self._loosened = False  # a batch of the open interval got its level only from a σ below high
         self.tightened = self.loosened = 0  # intervals that moved σ up / down (ops read them in describe)
 
+    def loosened_by(self, spare_slack: float | None) -> bool:
+        """Whether a batch whose plan had this ``Plan.spare_slack`` got its level only because σ
+        was below ``high`` (what ``observe``'s ``loosened`` takes)."""
+        return spare_slack is not None and spare_slack < self.high
+
     def observe(self, now_s: float, requests: int, missed: int, loosened: bool = True) -> float:
         """Record a batch; returns σ for the batches that follow.
 
@@ -546,12 +551,11 @@ class SpareFeedback:
         self._loosened = self._loosened or loosened
         if now_s - self._since >= self.interval_s and self._requests >= self.min_requests:
             share = self._missed / self._requests
-            if share > self.miss_budget and not self._loosened:
-                pass  # over the budget, but at levels that σ = high lets in as well: σ holds
-            elif share > self.miss_budget:
-                self.floor = min(self.high, self.sigma + self.margin)
-                self.sigma = min(self.high, self.sigma + self.step_up)
-                self.tightened += 1
+            if share > self.miss_budget:
+                if self._loosened:  # else the misses came at levels that σ = high lets in too: σ holds
+                    self.floor = min(self.high, self.sigma + self.margin)
+                    self.sigma = min(self.high, self.sigma + self.step_up)
+                    self.tightened += 1
             elif share <= self.miss_budget / 4:
                 self.sigma = max(self.low, self.floor, self.sigma * self.decay)
                 self.floor *= self.fade

@@ -839,9 +839,9 @@ class ElasticServer:
                 level, served = plan.level, len(keep)
                 done_ms = (time.perf_counter() - start) * 1000  # each answer's age when it leaves: its age + this
                 past_T = sum(ages[k] + done_ms > s.latency_constraint_ms for k in keep)
-            if self.spare is not None:  # did this batch's level get in only through a σ below min_spare?
-                loosened = plan.spare_slack is not None and plan.spare_slack < s.min_spare
-                self.telemetry.record_spare(self.spare.observe(start, len(items), shed + past_T, loosened))
+            if self.spare is not None:  # the misses, and whether the level got in only through a σ below min_spare
+                self.telemetry.record_spare(self.spare.observe(start, len(items), shed + past_T,
+                                                               self.spare.loosened_by(plan.spare_slack)))
         self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms)
         self.counters["batches"] += 1
         self.history.append((start, g, n))
