@@ -196,8 +196,17 @@ def test_level_follows_queue_size(retriever, monkeypatch):
         retriever.queue.queue_size = 0
 
 
+def distinct_calibration(server) -> Calibration:
+    """A calibration whose levels are strictly apart (t_k(b) ∝ k·(1 + b)), for tests that reason on
+    ratios between levels: the tiny model's measured times tie after the monotone clamp about one
+    fixture in six, which made those tests flaky."""
+    sizes = server.calibration.batch_sizes
+    return Calibration(sizes, {k: tuple(0.01 * k * (1 + b) for b in sizes) for k in server.levels})
+
+
 def test_a_level_uses_its_own_correction_once_it_has_served_enough_batches(retriever, monkeypatch):
     levels = retriever.levels
+    monkeypatch.setattr(retriever, "calibration", distinct_calibration(retriever))
     monkeypatch.setattr(retriever, "correction", LatencyCorrection())
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection() for k in levels})
     small, large = levels[-1], levels[0]
@@ -264,6 +273,7 @@ def test_a_borrowed_correction_is_an_additive_excess_at_the_mean_batch(retriever
 
 def test_a_level_held_off_by_old_ratios_comes_back_when_they_expire(retriever, monkeypatch):
     levels = retriever.levels
+    monkeypatch.setattr(retriever, "calibration", distinct_calibration(retriever))
     age = retriever.CORRECTION_MAX_AGE_S
     monkeypatch.setattr(retriever, "correction", LatencyCorrection(max_age_s=age))
     monkeypatch.setattr(retriever, "level_correction", {k: LatencyCorrection(max_age_s=age) for k in levels})
