@@ -1,6 +1,7 @@
 """Does a worker that has served other SubLMs run a level's slice slower? Off line, one process.
 
     python -m benchmarks.level_history --model DIR [--before mixed|only] [--level 5] [--batch 8] [--packed-levels]
+        [--onednn]
 
 The model directory is what a served archive holds (an ElasticDenser with submap.json and, beside
 it, index.faiss and pids.txt). The process builds the serving core (``ElasticRetriever``, one
@@ -9,7 +10,8 @@ random sizes 1..batch either at random levels (``--before mixed``, as an elastic
 under a changing load) or at ``--level`` only (``only``, as a static worker does), and times
 ``--timed`` batches of ``--batch`` dev queries at ``--level``: the model path that the schedule
 predicts as t_k (encode and search), with the levels sliced from the stored weights or, with
-``--packed-levels``, each from its own contiguous copy (handler.packed_levels). Prints the median
+``--packed-levels``, each from its own contiguous copy (handler.packed_levels), and the matrix
+products in MKL's sgemm or, with ``--onednn``, in oneDNN (handler.onednn). Prints the median
 milliseconds per round. Run it in several
 processes, alternating ``--before``, and pin each to one core (``taskset -c 0``): the spread
 between processes is part of what it shows.
@@ -43,9 +45,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packed-levels", action="store_true",
                     help="serve each level from its own contiguous copy (handler.packed_levels)")
+    ap.add_argument("--onednn", action="store_true", help="matrix products through oneDNN (handler.onednn)")
     a = ap.parse_args()
     settings = HandlerSettings(latency_constraint_ms=50.0, calibration_cache=False, calibration_repeats=5,
-                               packed_levels=a.packed_levels)
+                               packed_levels=a.packed_levels, onednn=a.onednn)
     server = ElasticRetriever(a.model, settings, max_batch=a.batch, queue=FixedQueue(0))
     if a.level not in server.levels:
         raise SystemExit(f"--level: {a.level} is not a level of {a.model}/submap.json {server.levels}")
@@ -64,7 +67,7 @@ def main() -> None:
             t0 = time.perf_counter()
             server._run(batch, a.level)
             ms.append((time.perf_counter() - t0) * 1000)
-        print(f"before={a.before} packed={a.packed_levels} round {round_}: level {a.level}, batch {a.batch}: median "
+        print(f"before={a.before} packed={a.packed_levels} onednn={a.onednn} round {round_}: level {a.level}, batch {a.batch}: median "
               f"{statistics.median(ms):.3f} ms over {a.timed} batches", flush=True)
 
 

@@ -63,10 +63,11 @@ def model_fingerprint(model_dir: str | Path) -> str:
 def calibration_key(model_dir: str | Path, task: str, levels: list[int], batch_sizes: tuple[int, ...],
                     threads: int, packed: bool = False) -> dict:
     """What a stored calibration must match to be reused (``packed``: the levels run from
-    contiguous copies, handler.packed_levels, which changes t_k)."""
+    contiguous copies, handler.packed_levels, which changes t_k; and whether torch's matrix
+    products go through oneDNN in this process now, handler.onednn, which changes it too)."""
     return {"model": model_fingerprint(model_dir), "machine": machine_id(), "torch": torch.__version__,
             "threads": threads, "task": task, "levels": list(levels), "batch_sizes": list(batch_sizes),
-            "packed": packed}
+            "packed": packed, "onednn": bool(torch.backends.mkldnn.enabled)}
 
 
 def load(model_dir: str | Path, key: dict) -> Calibration | None:

@@ -175,6 +175,15 @@ class HandlerSettings:
             (``describe()["packed_bytes"]``). Off: under load it shed more than slicing at
             600-800 req/s and ran level 5 no faster (README "Contiguous per-level weights",
             slo_probes/packed-levels/).
+        onednn: run the worker's matrix products through oneDNN (``torch.backends.mkldnn``).
+            Off (the default), they go to MKL's sgemm. oneDNN builds a primitive per operand
+            shape and keeps 1,024 of them (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``); one level's
+            shapes (batch size x query length x its layer widths) fit, every level's do not,
+            so an elastic worker that changes level batch by batch keeps rebuilding them.
+            Measured on the demo model (README "Matrix products"): after batches at mixed
+            levels, a level-5 batch of 8 took 5.8-5.9 ms with oneDNN against 3.8-4.2 ms with
+            MKL, and MKL was no slower for a single level. Process-wide: the worker serves
+            one model.
         gc_freeze: after the model is loaded and calibrated, move every object the worker holds
             into Python's permanent generation (``gc.freeze()``, elastic/gc_pauses.py), so that
             the collector's full collections no longer walk the loaded libraries and model
@@ -212,6 +221,7 @@ class HandlerSettings:
     metrics_interval_s: float = 1.0
     large_batch_tail: bool = True
     packed_levels: bool = False
+    onednn: bool = False
     gc_freeze: bool = True
 
     @classmethod
@@ -530,6 +540,7 @@ class ElasticServer:
                 raise ValueError(f"handler.worker_nice: {settings.worker_nice} needs CAP_SYS_NICE ({e}); set it to 0 "
                                  "or grant the capability") from None
         torch.set_num_threads(settings.torch_threads)
+        torch.backends.mkldnn.enabled = settings.onednn  # handler.onednn: MKL's sgemm unless asked
 
     def _ready(self, model_dir: str | Path) -> None:
         """Check the pinned level, calibrate t_k (or reuse the one stored for this model, machine
@@ -862,6 +873,7 @@ class ElasticServer:
             "processing_ms": {str(k): [round(t, 3) for t in v] for k, v in c.ms.items()},
             "calibration": self.calibration_source,
             "calibration_remeasured": self.remeasured,
+            "onednn": bool(torch.backends.mkldnn.enabled),  # the matrix products' library (handler.onednn)
             "overhead_ms": round(self.overhead_ms, 3),
             "schedule": self.settings.schedule,
             "late_requests": self.settings.late_requests,

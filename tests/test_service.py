@@ -163,6 +163,29 @@ def test_packed_levels_answer_as_the_sliced_model_does(retriever, tiny_elastic):
         packed._run(items, 7)
 
 
+def test_the_worker_runs_its_matrix_products_in_mkl_unless_onednn_is_set(tiny_elastic):
+    """handler.onednn: False (the default) turns torch's oneDNN path off in the worker process,
+    True leaves it on; describe() says which, and both answer alike."""
+    was = torch.backends.mkldnn.enabled
+    queries = ["what is a bank", "who wrote hamlet"]
+    try:
+        on = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, calibration_repeats=1,
+                                                            calibration_cache=False, onednn=True), max_batch=2)
+        assert torch.backends.mkldnn.enabled is True and on.describe()["onednn"] is True
+        want = on._run(on._prepare([{"query": q} for q in queries]), min(on.levels))
+        off = ElasticRetriever(tiny_elastic, HandlerSettings(latency_constraint_ms=1000.0, calibration_repeats=1,
+                                                             calibration_cache=False), max_batch=2)
+        assert off.settings.onednn is False
+        assert torch.backends.mkldnn.enabled is False and off.describe()["onednn"] is False
+        got = off._run(off._prepare([{"query": q} for q in queries]), min(off.levels))
+        assert np.allclose(got[0], want[0], atol=1e-5) and (got[1] == want[1]).all()
+    finally:
+        torch.backends.mkldnn.enabled = was
+    assert HandlerSettings.from_yaml({"latency_constraint_ms": 50, "onednn": "true"}, environ={}).onednn is True
+    with pytest.raises(ValueError, match="handler.onednn: expected bool, got 'fast'"):
+        HandlerSettings.from_yaml({"latency_constraint_ms": 50, "onednn": "fast"}, environ={})
+
+
 def fix_schedule_inputs(monkeypatch, retriever, cal):
     """For one test: t_k from ``cal``, c = c̄ = 1 throughout, o = 0, no arrival rate (no
     utilization bound) and no standing queue (no drain), so the level depends only on what the
@@ -586,6 +609,14 @@ def test_a_restarted_worker_reuses_the_stored_calibration_and_re_measures_it_whe
         time.sleep(0.05)
     assert again.remeasured == 1 and again.calibration.batch_sizes == (1, 2)
     assert again.describe()["calibration"] == "stored"
+    # matrix products through oneDNN instead of MKL (handler.onednn) run at other t_k: not reused
+    was = torch.backends.mkldnn.enabled
+    try:
+        onednn = ElasticRetriever(model, HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2,
+                                                         onednn=True), max_batch=2)
+        assert onednn.calibration_source == "measured"
+    finally:
+        torch.backends.mkldnn.enabled = was
     # another thread count (or model, machine, batch sizes) does not reuse it
     other = ElasticRetriever(model, HandlerSettings(latency_constraint_ms=50.0, calibration_repeats=2, torch_threads=2),
                              max_batch=2)
