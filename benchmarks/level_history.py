@@ -67,8 +67,8 @@ def main() -> None:
             t0 = time.perf_counter()
             server._run(batch, a.level)
             ms.append((time.perf_counter() - t0) * 1000)
-        print(f"before={a.before} packed={a.packed_levels} onednn={a.onednn} round {round_}: level {a.level}, batch {a.batch}: median "
-              f"{statistics.median(ms):.3f} ms over {a.timed} batches", flush=True)
+        print(f"before={a.before} packed={a.packed_levels} onednn={a.onednn} round {round_}: level {a.level}, "
+              f"batch {a.batch}: median {statistics.median(ms):.3f} ms over {a.timed} batches", flush=True)
 
 
 if __name__ == "__main__":
