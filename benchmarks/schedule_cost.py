@@ -19,8 +19,8 @@ import statistics
 import time
 from collections import deque
 
-from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, SpareFeedback, estimate_age_ms,
-                             level_corrections, parse_request_start, plan_batch)
+from elastic.schedule import (ArrivalRate, Calibration, LatencyCorrection, estimate_age_ms, level_corrections,
+                             parse_request_start, plan_batch)
 from elastic.service import ElasticServer, HandlerSettings
 
 
@@ -52,9 +52,7 @@ def main() -> None:
     n_window = int(HANDLER_DEFAULTS.rate_window_s / step)
     for i in range(n_window):
         arrivals.observe(i * step, a.batch)
-    sigma0 = HANDLER_DEFAULTS.min_spare
-    spare = SpareFeedback(sigma0, low=min(ElasticServer.SPARE_LOW, sigma0), high=sigma0,
-                          miss_budget=HANDLER_DEFAULTS.miss_budget)  # as the serving core builds it
+    spare = ElasticServer.spare_feedback(HANDLER_DEFAULTS)  # as the serving core builds it
     times = []
     for i in range(a.repeats):
         now = time.time()

@@ -582,13 +582,7 @@ class ElasticServer:
         # batches held below the largest level, by the bound that held them ("standing": drained)
         self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0, "standing": 0}
         self.standing = StandingQueue()  # how long the frontend's queue has stood (schedule.py, point 4)
-        # σ of the spare bound, learned from the requests that missed T (schedule.py, point 5)
-        self.spare = None
-        if s.spare_feedback and s.min_spare > 0:
-            # σ never rises above the configured min_spare: the feedback only gives back what a
-            # fixed σ holds in reserve, and after misses it returns to that σ
-            self.spare = SpareFeedback(s.min_spare, low=min(self.SPARE_LOW, s.min_spare), high=s.min_spare,
-                                       miss_budget=s.miss_budget)
+        self.spare = self.spare_feedback(s)  # σ of the spare bound, learned (schedule.py, point 5)
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
         self._last_end: float | None = None  # perf_counter seconds
         self._last_waiting = False
@@ -598,6 +592,17 @@ class ElasticServer:
         self.gc_frozen = freeze_heap() if s.gc_freeze else 0  # after everything the worker keeps is loaded
         if stored is not None:  # started last: it reads the state above
             threading.Thread(target=self._remeasure_when_idle, args=(key,), name="recalibration", daemon=True).start()
+
+    @classmethod
+    def spare_feedback(cls, s: HandlerSettings) -> SpareFeedback | None:
+        """The learned σ that the serving core keeps for these settings, or None where σ stays
+        fixed (handler.spare_feedback off, or min_spare 0: the bound off). σ starts at min_spare
+        and never rises above it: the feedback only gives back what a fixed σ holds in reserve,
+        and after misses it returns to that σ; it falls no lower than SPARE_LOW."""
+        if not (s.spare_feedback and s.min_spare > 0):
+            return None
+        return SpareFeedback(s.min_spare, low=min(cls.SPARE_LOW, s.min_spare), high=s.min_spare,
+                             miss_budget=s.miss_budget)
 
     # --- the task's hooks -------------------------------------------------------------------------
     @property
