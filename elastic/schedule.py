@@ -184,6 +184,9 @@ from typing import Mapping, Sequence
 RULES = ("deadline", "paper")
 LATE_POLICIES = ("shed", "serve")
 SPARE_RUNGS = ("next", "smallest")
+# what can hold a batch below the largest level (Plan.limited_by): the next larger level's failed bounds, or
+# "standing" for a batch shed whole to drain a standing queue
+BOUNDS = ("deadline", "queue", "rate", "spare", "standing")
 
 
 @dataclass(frozen=True)
@@ -270,8 +273,10 @@ class Plan:
         serve: per request of the batch, True = compute it, False = shed it (503).
         predicted_ms: predicted processing time c·t_k(b) of the served part (0 when none).
         limited_by: the bounds that the next larger level failed ("deadline", "queue", "rate",
-            "spare"), or those the smallest failed when none met them all; empty when the
-            largest level serves. Counted by the server, so ops can see what holds the level down.
+            "spare"), or those the smallest failed when none met them all; ("standing",) for a
+            batch shed whole to drain a standing queue; empty when the largest level serves. Names
+            from ``BOUNDS``. Counted by the server and exported (``ElasticLimitedBatches``), so ops
+            can see what holds the level down.
         spare_slack: 1 - u_j of the chosen level's rung j (the largest σ at which the spare bound
             would still have let this level in), or None where the bound did not apply (the
             smallest level, a pinned level, no rate, σ = 0). ``SpareFeedback`` reads it.

@@ -42,7 +42,7 @@ from elastic import calibration_store
 from elastic.encoder import ElasticEncoder
 from elastic.gc_pauses import GC_PAUSES, freeze_heap
 from elastic.telemetry import Telemetry
-from elastic.schedule import (LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
+from elastic.schedule import (BOUNDS, LATE_POLICIES, RULES, SPARE_RUNGS, ArrivalRate, Calibration, LatencyCorrection,
                               SpareFeedback, StandingQueue, estimate_age_ms, level_corrections, monotone_calibration,
                               parse_request_start, plan_batch, youngest_age_ms)
 
@@ -580,7 +580,7 @@ class ElasticServer:
         self.counters = {"batches": 0, "served": 0, "shed": 0, "shed_standing": 0, "bad_request": 0,
                          "request_start_used": 0, "request_start_ignored": 0}
         # batches held below the largest level, by the bound that held them ("standing": drained)
-        self.limited_by = {"deadline": 0, "queue": 0, "rate": 0, "spare": 0, "standing": 0}
+        self.limited_by = dict.fromkeys(BOUNDS, 0)
         self.standing = StandingQueue()  # how long the frontend's queue has stood (schedule.py, point 4)
         self.spare = self.spare_feedback(s)  # σ of the spare bound, learned (schedule.py, point 5)
         self.telemetry = Telemetry(self.levels)  # summed per flush interval into Prometheus metrics (the handler)
@@ -808,7 +808,7 @@ class ElasticServer:
                 items.append(p)
                 where.append(i)
         self.counters["bad_request"] += n - len(items)
-        level, served, shed, past_T, predicted, model_ms = None, 0, 0, 0, 0.0, 0.0
+        level, served, shed, past_T, predicted, model_ms, limited = None, 0, 0, 0, 0.0, 0.0, ()
         if items:
             s = self.settings
             ages, read = self._ages_ms([request_starts[i] for i in where], start, now_epoch)  # at the batch's start
@@ -822,7 +822,8 @@ class ElasticServer:
                               self.spare.sigma if self.spare else s.min_spare, s.return_share,
                               s.spare_from, standing, s.standing_interval_ms)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
-            for name in plan.limited_by:
+            limited = plan.limited_by
+            for name in limited:
                 self.limited_by[name] += 1
             for k, ok in enumerate(plan.serve):
                 if not ok:
@@ -858,7 +859,7 @@ class ElasticServer:
             if self.spare is not None:  # the misses, and whether the level got in only through a σ below min_spare
                 self.telemetry.record_spare(self.spare.observe(start, len(items), shed + past_T,
                                                                self.spare.loosened_by(plan.spare_slack)))
-        self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms)
+        self.telemetry.record_batch(level, served, shed, n - len(items), past_T, g, predicted, model_ms, limited)
         self.counters["batches"] += 1
         self.history.append((start, g, n))
         self.arrivals.observe(start, n)

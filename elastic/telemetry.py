@@ -21,6 +21,12 @@ The metrics (ModelName is TorchServe's model name, PreservingLevel the SubLM's l
 | ElasticQueueSize | gauge | ModelName | largest queue size g a batch saw in the last interval (0: none) |
 | ElasticLevel | gauge | ModelName | preserving level of the latest batch (percent) |
 | ElasticSpareSigma | gauge | ModelName | σ of the spare bound as learned (handler.spare_feedback), in percent |
+| ElasticLimitedBatches | counter | ModelName, Bound | batches held below the largest level by that bound |
+
+Bound is one of elastic/schedule.py's ``BOUNDS``: deadline, queue, rate, spare (the bounds that
+the next larger level failed; a batch held by two counts under both) or standing (a batch shed
+whole to drain a standing queue). Their rates say why the server steps down: mostly "spare" at
+moderate load is the spare bound's σ at work, "deadline" the batch's own requests' ages.
 
 rate(ElasticMeasuredBatchMs) / rate(ElasticPredictedBatchMs) per level is the observed / predicted
 ratio the schedule corrects t_k by (c̄_k, elastic/schedule.py).
@@ -32,19 +38,23 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
+
+from elastic.schedule import BOUNDS
 
 log = logging.getLogger(__name__)
 
 MODEL = "ModelName"
 LEVEL = "PreservingLevel"
+BOUND = "Bound"
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One elastic metric: TorchServe metric name, type ("counter" | "gauge"), unit, label names."""
+    """One elastic metric: TorchServe metric name, type ("counter" | "gauge"), unit, label names
+    (ModelName, then at most one more: PreservingLevel or Bound)."""
 
     name: str
     type: str
@@ -63,6 +73,7 @@ SPECS = {s.name: s for s in (
     MetricSpec("ElasticQueueSize", "gauge", "Count", (MODEL,)),
     MetricSpec("ElasticLevel", "gauge", "Percent", (MODEL,)),
     MetricSpec("ElasticSpareSigma", "gauge", "Percent", (MODEL,)),
+    MetricSpec("ElasticLimitedBatches", "counter", "Count", (MODEL, BOUND)),
 )}
 
 
@@ -143,15 +154,24 @@ class Telemetry:
         self._sigma: float | None = None  # the spare bound's learned σ (None: not learned)
         self._first = True
 
-    def _add(self, name: str, level: int | None, value: float) -> None:
-        self._counts[(name, level)] = self._counts.get((name, level), 0.0) + value
+    def _add(self, name: str, label: int | str | None, value: float) -> None:
+        self._counts[(name, label)] = self._counts.get((name, label), 0.0) + value
 
     def record_batch(self, level: int | None, served: int, shed: int, bad: int, past_T: int, g: int,
-                     predicted_ms: float = 0.0, measured_ms: float = 0.0) -> None:
+                     predicted_ms: float = 0.0, measured_ms: float = 0.0, limited_by: Sequence[str] = ()) -> None:
         """One batch: its level (None when nothing in it was run), requests served / shed / bad,
-        served answers past T, the queue size g it saw, and its predicted and measured model
-        time (milliseconds)."""
+        served answers past T, the queue size g it saw, its predicted and measured model time
+        (milliseconds), and the bounds that held it below the largest level (``Plan.limited_by``).
+
+        Raises:
+            ValueError: a bound that is not one of ``BOUNDS``.
+        """
+        unknown = [b for b in limited_by if b not in BOUNDS]
+        if unknown:
+            raise ValueError(f"Telemetry.record_batch: unknown bound(s) {unknown}; known: {list(BOUNDS)}")
         with self._lock:
+            for b in limited_by:
+                self._add("ElasticLimitedBatches", b, 1)
             self._max_g = max(self._max_g, int(g))
             self._add("ElasticShed", None, shed)
             self._add("ElasticBadRequests", None, bad)
@@ -168,8 +188,9 @@ class Telemetry:
         with self._lock:
             self._sigma = float(sigma)
 
-    def flush(self) -> list[tuple[str, int | None, float]]:
-        """(metric name, preserving level or None, value) per update since the last flush:
+    def flush(self) -> list[tuple[str, int | str | None, float]]:
+        """(metric name, label, value) per update since the last flush, the label being the
+        value of the metric's second dimension (a preserving level, or a bound) or None:
         counter increments that are not zero (every counter series, zeros included, on the first
         flush, so that each exists from the start), the largest g since the last flush (0 when
         no batch ran), the latest level (once there is one) and the latest learned σ in percent
@@ -181,7 +202,8 @@ class Telemetry:
         if first:
             for s in SPECS.values():
                 if s.type == "counter":
-                    for lv in (self.levels if LEVEL in s.dimensions else [None]):
+                    labels = self.levels if LEVEL in s.dimensions else BOUNDS if BOUND in s.dimensions else [None]
+                    for lv in labels:
                         counts.setdefault((s.name, lv), 0.0)
         ordered = sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
         out = [(name, lv, round(v, 3)) for (name, lv), v in ordered if v or first]
@@ -194,7 +216,7 @@ class Telemetry:
 
 
 class Flusher:
-    """Calls ``emit(name, level, value)`` for each of ``telemetry.flush()``'s updates every
+    """Calls ``emit(name, label, value)`` for each of ``telemetry.flush()``'s updates every
     ``interval_s`` seconds, from a daemon thread (so the g gauge falls back to 0 when the worker
     goes idle). ``emit`` errors are counted and logged once, never raised into serving."""
 

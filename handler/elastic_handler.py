@@ -13,8 +13,9 @@ request's passages, best first; GLUE: {"label", "probabilities"} or {"score"}).
 User text is never logged.
 
 Elastic metrics (elastic/telemetry.py: requests per level, g, level, answers past T, shed,
-predicted and measured batch time) go through TorchServe's custom metrics API, as the packed
-metrics.yaml declares them, once per handler.metrics_interval_s.
+predicted and measured batch time, σ, batches held down per bound) go through TorchServe's
+custom metrics API, as the packed metrics.yaml declares them, once per
+handler.metrics_interval_s.
 
 T (handler.latency_constraint_ms in model-config.yaml) can be overridden without rebuilding
 the .mar by the ELASTIC_LATENCY_CONSTRAINT_MS environment variable of `torchserve --start`.
@@ -29,7 +30,7 @@ from ts.torch_handler.base_handler import BaseHandler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the packed elastic/ package
 
 from elastic.service import HandlerSettings, QueuePoller, http_refusal, server_for  # noqa: E402
-from elastic.telemetry import LEVEL, SPECS, Flusher, load_metrics_yaml  # noqa: E402
+from elastic.telemetry import SPECS, Flusher, load_metrics_yaml  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,13 @@ class ElasticDenserHandler(BaseHandler):
             out[name] = (context.metrics.add_metric_to_cache(name, spec.unit, list(spec.dimensions), mtype), spec)
         return out
 
-    def _emit(self, name, level, value):
+    def _emit(self, name, label, value):
         """One elastic metric update through TorchServe's custom metrics API (a [METRICS] line on
-        stdout that the frontend exports on /metrics)."""
+        stdout that the frontend exports on /metrics); ``label``: the value of the metric's
+        second dimension (PreservingLevel or Bound), when it has one."""
         if name in self.metrics:
             metric, spec = self.metrics[name]
-            labels = [self.context.model_name] + ([str(level)] if LEVEL in spec.dimensions else [])
+            labels = [self.context.model_name] + ([str(label)] if len(spec.dimensions) > 1 else [])
             metric.add_or_update(value, labels)
 
     def describe_handle(self):

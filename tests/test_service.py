@@ -346,7 +346,9 @@ def test_a_standing_queue_is_drained_whole_batches_then_served_again(retriever, 
     first = retriever.handle_batch(queries, [now_header(0.6 * T), now_header(0.5 * T)])
     assert [r.status for r in first] == [200, 200]  # the spell starts: nothing to drain yet
     time.sleep(0.03)  # the spell outlasts standing_interval_ms
+    retriever.telemetry.flush()
     drained = retriever.handle_batch(queries, [now_header(0.6 * T), now_header(0.5 * T)])
+    assert ("ElasticLimitedBatches", "standing", 1.0) in retriever.telemetry.flush()  # exported for ops
     assert [r.status for r in drained] == [503, 503]
     assert drained[0].headers == {"Retry-After": "1"} and "within T = 1000 ms" in drained[0].payload["error"]
     assert retriever.counters["shed_standing"] == before["shed_standing"] + 2

@@ -97,6 +97,8 @@ def test_handler_emits_elastic_metrics_through_torchserves_cache(tiny_elastic, t
                for x in lines), lines
     assert any(x.startswith("[METRICS]ElasticBadRequests.Count:1.0|#ModelName:elastic|") for x in lines)
     assert any(x.startswith("[METRICS]ElasticLevel.Percent:50.0|#ModelName:elastic|#type:GAUGE") for x in lines)
+    assert any(x.startswith("[METRICS]ElasticLimitedBatches.Count:0.0|#ModelName:elastic,Bound:spare|#type:COUNTER")
+               for x in lines), lines  # every bound's series exists from the first flush
     # a metrics.yaml that does not parse fails the load, naming the file and the field
     (model / "metrics.yaml").write_text(yaml.safe_dump({"model_metrics": {"gauge": [{"name": "ElasticLevel"}]}}))
     with pytest.raises(ValueError, match=r"metrics.yaml: model_metrics.gauge\[0\].unit: missing"):
@@ -111,3 +113,18 @@ def test_the_learned_spare_sigma_is_a_gauge_in_percent_once_known():
     assert ("ElasticSpareSigma", None, 16.0) in t.flush()
     assert ("ElasticSpareSigma", None, 16.0) in t.flush()  # a gauge keeps its last value between batches
     assert SPECS["ElasticSpareSigma"].type == "gauge" and SPECS["ElasticSpareSigma"].unit == "Percent"
+
+
+def test_batches_held_below_the_largest_level_are_counted_by_bound():
+    t = Telemetry([50, 10])
+    first = {(n, lv): v for n, lv, v in t.flush() if n == "ElasticLimitedBatches"}
+    assert first == {("ElasticLimitedBatches", b): 0.0 for b in ("deadline", "queue", "rate", "spare", "standing")}
+    t.record_batch(10, served=8, shed=0, bad=0, past_T=0, g=3, limited_by=("spare",))
+    t.record_batch(10, served=8, shed=0, bad=0, past_T=0, g=9, limited_by=("deadline", "queue"))
+    t.record_batch(10, served=8, shed=0, bad=0, past_T=0, g=1, limited_by=("spare",))
+    t.record_batch(50, served=1, shed=0, bad=0, past_T=0, g=0)  # the largest level: held by nothing
+    t.record_batch(None, served=0, shed=8, bad=0, past_T=0, g=20, limited_by=("standing",))
+    out = {lv: v for n, lv, v in t.flush() if n == "ElasticLimitedBatches"}
+    assert out == {"spare": 2.0, "deadline": 1.0, "queue": 1.0, "standing": 1.0}
+    with pytest.raises(ValueError, match=r"unknown bound\(s\) \['spar'\]; known: \['deadline'"):
+        t.record_batch(10, served=1, shed=0, bad=0, past_T=0, g=0, limited_by=("spar",))
