@@ -11,7 +11,8 @@ when the recipe trains them). Columns: MRR@10, R@20, R@100 (ir-measures over eac
 top 100), nDCG@10 (graded gains when the qrels are graded, TREC DL style), the mean cosine
 between the row's query embedding and the teacher's (same hidden size only), encoder parameters, GFLOPs of one 128-token sequence, and the median latency of one
 query (batch 1, 16 tokens) and of one batch (32 x 128 tokens) of the encoder on this machine
-with ``serve.torch_threads`` threads, as the TorchServe worker runs. BM25's latency is bm25s
+with ``serve.torch_threads`` threads and the worker's matrix-product library (``handler.onednn``),
+as the TorchServe worker runs. BM25's latency is bm25s
 retrieving one query (``latency_b_ms``: 32 queries). Each system's passages are encoded by its
 passage side (finetune.json): the teacher's embeddings, or its own largest level, cached under
 run_dir/eval/cache/. A model with query heads (elastic/query_head.py) is scored through them, as it
@@ -40,6 +41,7 @@ from elastic.data import read_qrels, read_tsv
 from elastic.encoder import ElasticEncoder
 from elastic.metrics import retrieval_metrics
 from elastic.query_head import QueryHeads
+from elastic.service import HandlerSettings
 from elastic.structure import gflops, total_params
 from training.config import RecipeConfig, load_config, teacher_path
 from training.distill import fingerprint
@@ -117,16 +119,22 @@ def passage_embeddings(cfg: RecipeConfig, data: EvalData, enc: ElasticEncoder, l
 def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int, repeats: int = 20,
                        query: bool = False) -> float:
     """Median wall time in milliseconds of one forward + pooling (+ the level's query head with
-    ``query``) of a (batch, tokens) input."""
+    ``query``) of a (batch, tokens) input, with the matrix products in the library that the
+    TorchServe worker uses (``handler.onednn``, default off: MKL; elastic/service.py)."""
     g = torch.Generator().manual_seed(0)
     b = {"input_ids": torch.randint(1000, enc.dims.vocab_size, (batch, tokens), generator=g),
          "attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
-    enc.embed(b, level, query)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        enc.embed(b, level, query)
-        times.append((time.perf_counter() - t) * 1000)
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = HandlerSettings.onednn  # the default, as the worker sets it at load
+    try:
+        enc.embed(b, level, query)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            enc.embed(b, level, query)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.backends.mkldnn.enabled = was
     return round(statistics.median(times), 3)
 
 

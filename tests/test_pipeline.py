@@ -82,6 +82,29 @@ def test_offline_evaluation_rows(tiny_run, tmp_path):
         run(tiny_run, queries=str(bad), out=tmp_path)
 
 
+def test_offline_latency_runs_the_matrix_products_in_the_workers_library(tiny_elastic, monkeypatch):
+    from benchmarks.evaluate import encoder_latency_ms
+    from elastic.encoder import ElasticEncoder
+    from elastic.service import HandlerSettings
+
+    enc = ElasticEncoder(tiny_elastic)
+    seen, embed = [], enc.embed
+
+    def spy(*a, **k):
+        seen.append(torch.backends.mkldnn.enabled)
+        return embed(*a, **k)
+
+    monkeypatch.setattr(enc, "embed", spy)
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = not HandlerSettings.onednn
+    try:
+        assert encoder_latency_ms(enc, 30, 2, 8, repeats=3) > 0
+        assert seen == [HandlerSettings.onednn] * 4  # warm-up + 3 timed, as the worker runs them
+        assert torch.backends.mkldnn.enabled is (not HandlerSettings.onednn)  # the caller's setting is back
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
 def test_archive_packs_the_fine_tuned_model_unchanged(tiny_run, tmp_path):
     from archive.build_mar import run
 
