@@ -133,6 +133,26 @@ def test_config_errors_name_the_field(tmp_path):
     assert load_config(p).serve.latency_constraint_ms == 40.0
 
 
+def test_training_stages_run_cpu_matrix_products_in_the_library_the_recipe_names(tmp_path):
+    from training.loop import configure_torch
+
+    p = tmp_path / "c.yaml"
+    was = (torch.backends.mkldnn.enabled, torch.get_num_threads())
+    try:
+        p.write_text("train:\n  threads: 1\n")
+        configure_torch(load_config(p).train)
+        assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == (False, 1)  # default: MKL, as served
+        p.write_text("train:\n  onednn: true\n")
+        configure_torch(load_config(p).train)
+        assert torch.backends.mkldnn.enabled is True and torch.get_num_threads() == 1  # threads 0: left as it was
+        p.write_text("train:\n  onednn: 'yes'\n")
+        with pytest.raises(ValueError, match=r"config train.onednn: expected bool, got 'yes'"):
+            load_config(p)
+    finally:
+        torch.backends.mkldnn.enabled = was[0]
+        torch.set_num_threads(was[1])
+
+
 def test_every_committed_recipe_loads_and_validates():
     """A recipe in configs/ that a field rename or a new check broke fails here, not an hour into a run."""
     from pathlib import Path

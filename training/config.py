@@ -61,6 +61,10 @@ class TrainConfig:
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints (the stage resumes from the last one)")
     log_every: int = _f(10, "optimizer steps per train_log.jsonl record")
     threads: int = _f(0, "torch intra-op threads for training (0 = torch's default)")
+    onednn: bool = _f(False, "CPU matrix products through oneDNN (torch.backends.mkldnn); false = MKL's sgemm, as the "
+                      "serving worker (handler.onednn): 3-7 % more query-distillation steps/s with the length "
+                      "window on the 2-core Xeon, 11 % fewer with uniform batches of 128 "
+                      "(benchmarks/results/train_backend/README.md)")
 
 
 @dataclass

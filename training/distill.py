@@ -24,7 +24,7 @@ from torch import nn
 from elastic.data import read_query_files, read_tsv, read_wikitext
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, resolve_device, train_elastic
 from training.relations import RelationHead, relation_kl, teacher_relations
 
 
@@ -147,8 +147,7 @@ def distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: str = 
     teacher = ElasticEncoder(teacher_path(cfg))
     check_pair(student, teacher, dc.relation_heads)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     torch.manual_seed(dc.seed)
     head = RelationHead(student.dims.hidden_size,
                         teacher.model.encoder.layer[-1].attention.self if teacher.dims.hidden_size == student.dims.hidden_size

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import check_pair, fingerprint
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, resolve_device, train_elastic
 from training.negatives import hard_negative_pools
 from training.teacher import teacher_side
 
@@ -119,8 +119,7 @@ def finetune(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: str =
     pools = hard_negative_pools(side.texts, side.train_queries, side.positives, ft.bm25_depth,
                                 cfg.run / "teacher" / f"bm25_top{ft.bm25_depth}.pt")
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     student.model.to(device)
     teacher.model.to(device).requires_grad_(False)
     TP = side.passages.to(device)

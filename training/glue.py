@@ -46,7 +46,7 @@ from elastic.glue import GlueSet, GlueTask, get_task, read_glue, task_file
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import distill, fingerprint
 from training.glue_loss import glue_loss
-from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, level_weights, resolve_device, train_elastic
 from training.query_distill import batch_sampler
 from training.static import cut_level, static_levels
 
@@ -302,8 +302,7 @@ def run(cfg: RecipeConfig) -> None:
     """The whole recipe (module docstring); finished stages are skipped, unfinished ones resume."""
     t0 = time.time()
     data = check_inputs(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     teachers = {name: teacher_for(cfg, get_task(name), train) for name, (train, _dev) in data.items()}
     task_agnostic(cfg, teachers, data)
     for name, (train, _dev) in data.items():

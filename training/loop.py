@@ -64,6 +64,16 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def configure_torch(tc: Any) -> None:
+    """Set what a training stage's process computes with, from ``train`` (training/config.py
+    TrainConfig): intra-op threads (``threads``; 0 leaves torch's default) and the library of the
+    CPU matrix products (``onednn``: oneDNN, else MKL; ``torch.backends.mkldnn.enabled``, a
+    process-wide flag that only CPU operators read). Every stage calls it before it trains."""
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.backends.mkldnn.enabled = bool(tc.onednn)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cpu' / 'cuda' as given.
 

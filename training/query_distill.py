@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from elastic.encoder import ElasticEncoder
 from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import check_pair, fingerprint
-from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, level_weights, resolve_device, train_elastic
 from training.teacher import TeacherSide, teacher_side
 from training.token_loss import token_cosine_loss
 
@@ -181,8 +181,7 @@ def query_distill(cfg: RecipeConfig, src: Path, out: Path, workdir: Path, desc: 
         teacher.model.to(device).requires_grad_(False)
     else:
         teacher = None
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     student.model.to(device)
     student.model.embeddings.word_embeddings.weight.requires_grad_(not qd.freeze_word_embeddings)
     n = len(side.train_queries)

@@ -51,7 +51,7 @@ from training.config import RecipeConfig, config_cli
 from training.distill import fingerprint
 from training.importance import lce_scores
 from training.lce_loss import lce_loss
-from training.loop import LoopConfig, level_weights, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, level_weights, resolve_device, train_elastic
 from training.prune import build_submap
 from training.rank_kd_loss import listwise_kd
 from training.ranker_teacher import RankerData, group_sampler, ranker_data, train_teacher
@@ -207,8 +207,7 @@ def train_ranker(cfg: RecipeConfig, init: Path, teacher: CrossEncoder, data: Ran
 def run(cfg: RecipeConfig) -> None:
     """The whole recipe (module docstring); finished stages are skipped, unfinished ones resume."""
     t0 = time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     data = ranker_data(cfg)  # fails on bad data before any training
     teacher = CrossEncoder(train_teacher(cfg), cfg.ranker.max_length)
     root = cfg.run / "ranker"

@@ -42,7 +42,7 @@ from training.config import RecipeConfig, config_cli, teacher_path
 from training.distill import fingerprint
 from training.lce_loss import lce_loss
 from training.rank_kd_loss import listwise_kd
-from training.loop import LoopConfig, resolve_device, train_elastic
+from training.loop import LoopConfig, configure_torch, resolve_device, train_elastic
 from training.negatives import bm25_index, bm25_search
 from training.teacher import TeacherSide, teacher_side
 
@@ -150,8 +150,7 @@ def train_teacher(cfg: RecipeConfig) -> Path:
     model = CrossEncoder(src, r.max_length, seed=r.seed)
     data = ranker_data(cfg)
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    configure_torch(cfg.train)
     model.model.to(device)
     model.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     lc = LoopConfig(r.steps, r.lr, r.weight_decay, r.warmup, r.max_grad_norm, r.seed, cfg.train.checkpoint_every,
