@@ -46,6 +46,7 @@ from elastic.structure import gflops, total_params
 from training.config import RecipeConfig, load_config, teacher_path
 from training.distill import fingerprint
 from training.finetune import passage_side_of
+from training.loop import matrix_products
 from training.negatives import bm25_index, bm25_search
 from training.static import static_levels
 
@@ -124,17 +125,13 @@ def encoder_latency_ms(enc: ElasticEncoder, level: int, batch: int, tokens: int,
     g = torch.Generator().manual_seed(0)
     b = {"input_ids": torch.randint(1000, enc.dims.vocab_size, (batch, tokens), generator=g),
          "attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = HandlerSettings.onednn  # the default, as the worker sets it at load
-    try:
+    with matrix_products(HandlerSettings.onednn):  # the default, as the worker sets it at load
         enc.embed(b, level, query)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             enc.embed(b, level, query)
             times.append((time.perf_counter() - t) * 1000)
-    finally:
-        torch.backends.mkldnn.enabled = was
     return round(statistics.median(times), 3)
 
 

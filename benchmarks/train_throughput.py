@@ -31,6 +31,7 @@ import torch
 from benchmarks.evaluate import to_markdown
 from elastic.encoder import ElasticEncoder
 from training.config import load_config, teacher_path
+from training.loop import matrix_products
 from training.query_distill import QueryDistillObjective, batch_sampler, teacher_candidates
 from training.teacher import teacher_side
 
@@ -46,11 +47,9 @@ def measure(obj: QueryDistillObjective, model: torch.nn.Module, levels: list[int
     restored."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times: dict[str, list[float]] = {b: [] for b in backends}
-    was = torch.backends.mkldnn.enabled
-    try:
-        for i, b in enumerate(batches):
-            for backend in backends:
-                torch.backends.mkldnn.enabled = BACKENDS[backend]
+    for i, b in enumerate(batches):
+        for backend in backends:
+            with matrix_products(BACKENDS[backend]):
                 t = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 prep = obj.prepare(b)
@@ -59,10 +58,8 @@ def measure(obj: QueryDistillObjective, model: torch.nn.Module, levels: list[int
                         loss = obj.loss(b, prep, level)
                     (loss / len(levels)).backward()
                 opt.step()
-                if i >= warmup:
-                    times[backend].append(time.perf_counter() - t)
-    finally:
-        torch.backends.mkldnn.enabled = was
+            if i >= warmup:
+                times[backend].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

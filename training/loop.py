@@ -17,6 +17,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,7 +25,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -72,6 +73,19 @@ def configure_torch(tc: Any) -> None:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.backends.mkldnn.enabled = bool(tc.onednn)
+
+
+@contextlib.contextmanager
+def matrix_products(onednn: bool) -> Iterator[None]:
+    """Within the block, CPU matrix products run in oneDNN (``onednn``) or MKL's sgemm
+    (``torch.backends.mkldnn.enabled``); the caller's setting is restored after it, errors
+    included. For code that times one library beside another (benchmarks)."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = bool(onednn)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def resolve_device(name: str) -> torch.device:
