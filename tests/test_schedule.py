@@ -544,3 +544,63 @@ def test_plan_reports_the_spare_slack_of_the_chosen_level():
     assert plan(700).level == 5 and plan(700).spare_slack is None  # the smallest has no rung below
     assert plan(400, sigma=0.0).spare_slack is None  # the bound is off
     assert plan(400, pin_level=20).spare_slack is None  # a pinned level is never above the smallest of its list
+
+
+def test_queue_decay_rate_solves_kingmans_equation_and_falls_with_utilization():
+    import math
+
+    from elastic.schedule import queue_decay_rate
+
+    thetas = []
+    for rho in (0.05, 0.3, 0.5, 0.8, 0.95, 0.999):
+        theta = queue_decay_rate(rho)
+        # ρ is rounded up to 4 digits before solving: θ solves the equation there, and is never the larger one
+        rounded = math.ceil(rho * 1e4) / 1e4
+        assert rounded * math.expm1(theta) == pytest.approx(theta, rel=1e-9)
+        assert theta > 0
+        thetas.append(theta)
+    assert thetas == sorted(thetas, reverse=True)  # a fuller worker, a longer tail
+    assert queue_decay_rate(0.999) == pytest.approx(2 * 0.001, rel=0.01)  # near ρ = 1: θ ≈ 2(1 − ρ)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"queue_decay_rate: rho must be in \(0, 1\)"):
+            queue_decay_rate(bad)
+
+
+def test_queue_tail_grows_without_bound_as_the_cycles_fill_the_worker():
+    import math
+
+    from elastic.schedule import queue_decay_rate, queue_tail_ms
+
+    # cycles of 8 ms serving 8: ρ = rate / 1000
+    assert queue_tail_ms(0, 8.0, 8, 0.01) == 0.0
+    assert queue_tail_ms(1000, 8.0, 8, 0.01) == math.inf
+    assert queue_tail_ms(500, 8.0, 8, 0.01) == pytest.approx(8.0 * math.log(100) / (queue_decay_rate(0.5) * 8))
+    tails = [queue_tail_ms(r, 8.0, 8, 0.01) for r in (100, 500, 800, 900, 990)]
+    assert tails == sorted(tails) and tails[-1] > 40 * tails[1]
+    # a rarer tail waits longer: ln(1/ε) scales it
+    assert queue_tail_ms(500, 8.0, 8, 0.001) == pytest.approx(queue_tail_ms(500, 8.0, 8, 0.01) * 1.5)
+    with pytest.raises(ValueError, match=r"queue_tail_ms: need tail in \(0, 1\)"):
+        queue_tail_ms(500, 8.0, 8, 0.0)
+
+
+def test_rate_bound_tail_term_holds_a_level_whose_queue_would_outlast_T():
+    cal = Calibration((1, 8), {50: (5.0, 18.0), 20: (3.0, 10.0), 5: (2.0, 6.0)})
+    # o = 2: 50 % cycles 20 ms per 8 at full batches, so rho_50 = rate * 20 / 8000. At 350 req/s
+    # (rho 0.875) it settles at full batches: 2 * 20 = 40 <= 50 passes the two-cycle form, but
+    # with ε = 0.01 the queue's tail adds 20 * ln(100) / (θ(0.875) * 8) ≈ 43 ms
+    def plan(rate, tail):
+        return plan_batch([0.0], 0, 50.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=rate, queue_tail=tail)
+
+    assert plan(350, 0.0).level == 50
+    held = plan(350, 0.01)
+    assert held.level == 20 and held.limited_by == ("rate",)
+    # at a light load the tail is short and 50 % serves with or without it
+    assert plan(100, 0.01).level == 50
+    # the paper's rule and a pinned level know nothing of it
+    assert plan_batch([0.0], 0, 50.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=350, queue_tail=0.01,
+                      rule="paper").level == 50
+    assert plan_batch([0.0], 0, 50.0, cal, 8, overhead_ms=2.0, arrival_rate_rps=350, queue_tail=0.01,
+                      pin_level=50).level == 50
+    for bad in (-0.01, 1.0):
+        with pytest.raises(ValueError, match=r"queue_tail must be in \[0, 1\), got"):
+            plan(100, bad)
