@@ -96,25 +96,6 @@ for Poisson bursts, and a request waits at most the cycle under way before its o
 level whose full batches take more than T/2 carry a rate that it keeps up with but not within T;
 static 30 % at 200 req/s, which that form allowed, kept only 0.89 of requests within 50 ms.)
 
-"At most the cycle under way" holds on average only. Poisson arrivals at utilization ρ near 1
-build a queue whose tail the two cycles leave out, and that tail grows with ρ, not with T: the
-bound above lets a level fill the worker whatever T is. An optional tail term (``queue_tail``,
-ε; 0 = off) adds the wait behind the requests that a share ε of arrivals finds queued. Over
-cycles of C = c̄·t_k(b_max) + o at full batches, the queue Q at a cycle's start follows Lindley's
-recursion Q' = max(Q − b_max, 0) + A with A ~ Poisson(λ·C), and Kingman's exponential bound
-(Kingman 1964; the Cramér–Lundberg inequality) gives P(Q > x) <= exp(−θ·x), where θ > 0 solves
-E[exp(θ·(A − b_max))] = 1, that is λ·C·(e^θ − 1) = θ·b_max: with ρ = λ·C / b_max,
-
-       ρ·(e^θ − 1) = θ,   x_ε = ln(1/ε) / θ,   W_ε = C · x_ε / b_max
-       b_s exists and 2 · C(b_s) + W_ε <= T                                 (rate bound, tail)
-
-θ depends on ρ alone (``queue_decay_rate``); W_ε is 0 at ρ -> 0 and infinite at ρ >= 1. Checked
-against the static servers of the T = 50 ms sweep (2026-11-24, their learned c̄ and o): the
-predicted p99 latency C·(2 + x_0.01 / b_max) + o/2 was 15-22 ms where they measured 13-30 ms
-(static 5 % to 1000 req/s), 33-37 ms where static 10 % at 800 and static 20 % at 600 req/s
-measured 22-41 ms with one run of three under 0.99 within T each, and 76-83 ms where static 50 %
-at 400 and static 30 % at 600 req/s missed 0.99 in every run.
-
 Near the stack's last capacity the rate bound is a gamble. A larger level at utilization near
 ρ_max rides out a Poisson burst only by stepping down to a smaller one for the batches the burst
 lasts, and that works while the smallest SubLM has time to spare. In the SLO sweep of
@@ -195,7 +176,6 @@ the calibration and c in, and gets a ``Plan`` back. Times are milliseconds.
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -348,67 +328,13 @@ def steady_cycle_ms(arrival_rate_rps: float, cal: Calibration, level: int, max_b
     return cycle(next(b for b in range(1, max_batch + 1) if fits(b)))
 
 
-@functools.lru_cache(maxsize=4096)
-def _decay_rate_rounded(rho: float) -> float:
-    theta = 2.0 + 2.0 * math.log(1.0 / rho)  # above the root: f(θ) = e²/ρ − ρ − θ > 0 there
-    for _ in range(100):  # Newton on the convex f(θ) = ρ(e^θ − 1) − θ, from above: monotone
-        step = (rho * math.expm1(theta) - theta) / (rho * math.exp(theta) - 1.0)
-        theta -= step
-        if step < 1e-12 * theta:
-            break
-    return theta
-
-
-def queue_decay_rate(rho: float) -> float:
-    """θ > 0 with ρ·(e^θ − 1) = θ: the exponential decay rate of the queue length's tail, per
-    request, for Poisson arrivals served in batches at utilization ρ (module docstring, rate
-    bound, tail; Kingman 1964). Solved by Newton's method and cached on ρ rounded to 4 digits
-    (rounded up, so the cached θ is never the larger one).
-
-    Args:
-        rho: utilization in (0, 1).
-
-    Raises:
-        ValueError: rho outside (0, 1).
-
-    >>> round(queue_decay_rate(0.5), 4)   # 0.5·(e^θ − 1) = θ
-    1.2564
-    """
-    if not 0 < rho < 1:
-        raise ValueError(f"queue_decay_rate: rho must be in (0, 1), got {rho}")
-    return _decay_rate_rounded(min(math.ceil(rho * 1e4) / 1e4, 0.9999))
-
-
-def queue_tail_ms(arrival_rate_rps: float, cycle_ms: float, batch: int, tail: float) -> float:
-    """W_ε: the wait, in ms, behind the queue that at most a share ``tail`` (ε) of batches finds
-    ahead of them, for Poisson arrivals at ``arrival_rate_rps`` served ``batch`` at a time in
-    cycles of ``cycle_ms`` (module docstring, rate bound, tail). 0 when nothing arrives, inf when
-    the cycles do not keep up (ρ >= 1).
-
-    Raises:
-        ValueError: tail outside (0, 1), cycle_ms <= 0, batch < 1 or a negative rate.
-
-    >>> round(queue_tail_ms(500, 8.0, 8, 0.01), 2)   # ρ = 0.5: x = ln 100 / 1.2564 = 3.67 requests
-    3.67
-    """
-    if not 0 < tail < 1 or not cycle_ms > 0 or batch < 1 or arrival_rate_rps < 0:
-        raise ValueError(f"queue_tail_ms: need tail in (0, 1), cycle_ms > 0, batch >= 1, rate >= 0; got {tail}, "
-                         f"{cycle_ms}, {batch}, {arrival_rate_rps}")
-    rho = arrival_rate_rps * cycle_ms / (batch * 1000)
-    if rho <= 0:
-        return 0.0
-    if rho >= 1:
-        return math.inf
-    return cycle_ms * math.log(1 / tail) / (queue_decay_rate(rho) * batch)
-
-
 def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms: float, cal: Calibration,
                max_batch: int, overhead_ms: float = 0.0, correction: float | Mapping[int, float] = 1.0,
                rule: str = "deadline", late: str = "shed", pin_level: int | None = None,
                arrival_rate_rps: float = 0.0, max_utilization: float = 1.0,
                mean_correction: float | Mapping[int, float] | None = None, min_spare: float = 0.0,
                return_share: float = 0.5, spare_from: str = "next", standing_ms: float = 0.0,
-               standing_interval_ms: float = 0.0, queue_tail: float = 0.0) -> Plan:
+               standing_interval_ms: float = 0.0) -> Plan:
     """Level and shed decisions for one batch (module docstring: rules "deadline" and "paper").
 
     Args:
@@ -440,9 +366,6 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         standing_ms: how long the frontend's queue has stood (ms, >= 0; ``StandingQueue``).
         standing_interval_ms: drain a queue that has stood this long (ms, >= 0; 0 = off): every
             request of the batch is shed (module docstring, point 4). Shedding only.
-        queue_tail: ε in [0, 1), the rate bound's tail term (module docstring): a level's cycles
-            at λ must also leave room for the wait W_ε behind the queue that a share ε of
-            batches finds (deadline rule with λ > 0 only; 0 = off).
 
     Returns:
         A Plan; ``serve`` has one flag per entry of ``ages_ms``.
@@ -450,8 +373,8 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
     Raises:
         ValueError: an empty batch, a bad rule / late policy / pinned level, a negative age, or
             g < 0, T <= 0, o < 0, more requests than max_batch, min_spare outside [0, 1),
-            return_share outside [0, 2], spare_from not in SPARE_RUNGS, a negative
-            standing_ms or standing_interval_ms, or queue_tail outside [0, 1).
+            return_share outside [0, 2], spare_from not in SPARE_RUNGS, or a negative
+            standing_ms or standing_interval_ms.
     """
     if not ages_ms:
         raise ValueError("ages_ms: the batch is empty")
@@ -468,8 +391,6 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
                          f"{max_utilization}")
     if not 0 <= min_spare < 1:
         raise ValueError(f"min_spare must be in [0, 1), got {min_spare}")
-    if not 0 <= queue_tail < 1:
-        raise ValueError(f"queue_tail must be in [0, 1), got {queue_tail}")
     if not 0 <= return_share <= 2:
         raise ValueError(f"return_share must be in [0, 2], got {return_share}")
     if spare_from not in SPARE_RUNGS:
@@ -513,10 +434,7 @@ def plan_batch(ages_ms: Sequence[float], queue_size: int, latency_constraint_ms:
         rate_ok = True
         if rule == "deadline" and arrival_rate_rps > 0:
             cycle = steady_cycle_ms(arrival_rate_rps, cal, level, max_batch, o, cm, max_utilization)
-            wait_tail = 0.0
-            if cycle is not None and queue_tail > 0:  # the queue's tail at full batches (module docstring)
-                wait_tail = queue_tail_ms(arrival_rate_rps, cm * cal.t(level, max_batch) + o, max_batch, queue_tail)
-            rate_ok = cycle is not None and 2 * cycle + wait_tail <= T
+            rate_ok = cycle is not None and 2 * cycle <= T
         # the spare bound: a level above the smallest needs its rung j (the next level down, or
         # the smallest) to fill at most 1 - σ of the worker's time at λ and full batches
         level_spare_ok, slack = True, None

@@ -85,10 +85,6 @@ class HandlerSettings:
             With "smallest", 0.4 came from the earlier probe (slo_probes/min-spare/): the
             lowest within T rose from 0.972 to 0.988 at 300 req/s and from 0.951 to 0.988 at
             400 against 0 (off).
-        queue_tail: ε of the deadline rule's rate bound, in [0, 1): a level's cycles at the
-            arrival rate must also leave room, within T, for the wait behind the queue that a
-            share ε of batches finds ahead of them (Kingman's exponential bound for Poisson
-            arrivals served in full batches; elastic/schedule.py). 0 = off (the two cycles alone).
         spare_feedback: learn σ online, within [0.02, min_spare], instead of holding it at
             ``min_spare`` (elastic/schedule.py, ``SpareFeedback``): σ starts at min_spare, falls
             by a fifth after each second that missed at most a quarter of ``miss_budget``, rises
@@ -200,7 +196,6 @@ class HandlerSettings:
     pin_level: Optional[int] = None
     max_utilization: float = 1.0
     min_spare: float = 0.25
-    queue_tail: float = 0.0
     spare_feedback: bool = True
     miss_budget: float = 0.005
     spare_from: str = "next"
@@ -278,8 +273,6 @@ class HandlerSettings:
             raise ValueError(f"handler.max_utilization: must be in (0, 1], got {s.max_utilization}")
         if not 0 <= s.min_spare < 1:
             raise ValueError(f"handler.min_spare: must be in [0, 1), got {s.min_spare}")
-        if not 0 <= s.queue_tail < 1:
-            raise ValueError(f"handler.queue_tail: must be in [0, 1), got {s.queue_tail}")
         if not 0 < s.miss_budget < 0.5:
             raise ValueError(f"handler.miss_budget: must be in (0, 0.5), got {s.miss_budget}")
         if s.spare_from not in SPARE_RUNGS:
@@ -827,7 +820,7 @@ class ElasticServer:
                               self.max_batch, self.overhead_ms, c, s.schedule, s.late_requests, s.pin_level,
                               self.arrivals.rate(start, n), s.max_utilization, cm,
                               self.spare.sigma if self.spare else s.min_spare, s.return_share,
-                              s.spare_from, standing, s.standing_interval_ms, s.queue_tail)
+                              s.spare_from, standing, s.standing_interval_ms)
             keep = [k for k, ok in enumerate(plan.serve) if ok]
             limited = plan.limited_by
             for name in limited:
@@ -902,7 +895,6 @@ class ElasticServer:
                                         for k, lc in self.large_correction.items()},
             "max_utilization": self.settings.max_utilization,
             "min_spare": self.settings.min_spare,
-            "queue_tail": self.settings.queue_tail,
             "spare_feedback": ({"sigma": round(self.spare.sigma, 4), "tightened": self.spare.tightened,
                                 "loosened": self.spare.loosened} if self.spare else None),
             "spare_from": self.settings.spare_from,

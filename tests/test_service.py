@@ -61,7 +61,6 @@ def test_settings_validation_names_the_field():
     ("worker_nice", -21, r"handler.worker_nice: must be in \[-20, 19\], got -21"),
     ("deadline_quantile", 1.5, r"handler.deadline_quantile: must be in \(0, 1\], got 1.5"),
     ("min_spare", 1, r"handler.min_spare: must be in \[0, 1\), got 1.0"),
-    ("queue_tail", 1, r"handler.queue_tail: must be in \[0, 1\), got 1.0"),
     ("spare_from", "largest", r"handler.spare_from: expected one of \['next', 'smallest'\], got 'largest'"),
     ("miss_budget", 0, r"handler.miss_budget: must be in \(0, 0.5\), got 0.0"),
     ("spare_feedback", "maybe", r"handler.spare_feedback: expected bool, got 'maybe'"),
